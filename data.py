@@ -1,0 +1,165 @@
+"""The training data of LIFT (arXiv 2502.14644, §3.1–3.2 and the contextualized variant of v2).
+
+  * Windows (§3.1): overlapping segments of the document's tokens, length ℓ, stride s = 3ℓ/8 by
+    default; next-token loss on every token of every window.
+  * Auxiliary QA (§3.2): question/answer pairs about the document in the chat format, with the
+    truncated document (head + "..." + tail) in context exactly as at answer time; loss on the
+    answer tokens and the end-of-turn token only.
+  * Contextualized windows (v2, "CT"): a window preceded by a head and a tail span of the document
+    and an instruction to recite the segment; loss on the window only.
+  * The schedule: epochs on windows only, then windows + QA, each epoch shuffled by a seeded RNG.
+
+Departures from the paper: the last window is shifted back to end at L (so every window is ℓ
+long); the head/tail split of a contextualized window is drawn at random (the budget is fixed).
+An Example holds token ids and labels; label −100 means "no loss here", as in PyTorch's
+cross_entropy(ignore_index=-100).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Bad input data (document, QA file, settings), with a message meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    window: int = 512             # ℓ, tokens per training window (the paper: 2048)
+    stride: int = 0               # s; 0 means 3ℓ/8, as in the paper (overlap 5ℓ/8)
+    context: int = 1024           # ICL budget: document tokens kept in context (head half + tail half)
+    contextualized: bool = False  # precede each window by head/tail spans and a recite instruction
+    qa_start_epoch: int = 3       # epochs on windows only before QA joins the mix (released: 3)
+
+    @property
+    def step(self) -> int:
+        return self.stride or max(1, (3 * self.window) // 8)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]             # same length; IGNORE where no loss
+    kind: str = "window"          # "window" or "qa"
+
+
+# ----------------------------------------------------------------------------- windows (§3.1)
+def window_spans(n: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """[start, end) spans over n tokens. Rule: starts are 0, s, 2s, ...; the last window is shifted
+    back so that it ends exactly at n and stays `length` long (so the final stride may be shorter
+    than s). If n ≤ length there is one window, [0, n). Count: 1 + ⌈(n − ℓ)/s⌉ for n > ℓ."""
+    if n <= 0:
+        raise DataError("the document is empty (no tokens)")
+    if length <= 0 or stride <= 0:
+        raise DataError(f"window ({length}) and stride ({stride}) must be positive")
+    if stride > length:
+        raise DataError(f"stride {stride} is larger than the window {length}: tokens would be skipped")
+    if n <= length:
+        return [(0, n)]
+    count = 1 + math.ceil((n - length) / stride)
+    spans = [(i * stride, i * stride + length) for i in range(count - 1)]
+    return spans + [(n - length, n)]
+
+
+def window_examples(doc: list[int], cfg: DataConfig) -> list[Example]:
+    """L_input = Σ_k L_LM(x_{l_k..r_k}): every token of every window is a target."""
+    return [Example(doc[a:b], doc[a:b]) for a, b in window_spans(len(doc), cfg.window, cfg.step)]
+
+
+# ----------------------------------------------------------------------------- prompts shared by training and answering
+def truncate_middle(doc: list[int], budget: int, tok) -> str:
+    """The ICL view of a document: its first budget/2 and last budget/2 tokens with "..." between.
+    (Released code: 7800-token budget -> first 3900 and last 3900.) Returns text."""
+    if len(doc) <= budget:
+        return tok.decode(doc)
+    head, tail = budget // 2, budget - budget // 2
+    return tok.decode(doc[:head]) + "\n...\n" + tok.decode(doc[len(doc) - tail:])
+
+
+def question_messages(question: str, context_text: Optional[str]) -> list[dict]:
+    """The chat turn for a question, with or without (a truncated copy of) the document."""
+    if context_text is None:
+        content = f"Answer the question briefly.\nQuestion: {question}"
+    else:
+        content = f"{context_text}\n\nAnswer the question about the text above briefly.\nQuestion: {question}"
+    return [{"role": "user", "content": content}]
+
+
+def qa_example(tok, question: str, answer: str, context_text: Optional[str]) -> Example:
+    """A QA pair in the chat format; labels cover the answer tokens and the end-of-turn token."""
+    messages = question_messages(question, context_text)
+    prompt = tok.render_chat(messages, add_generation_prompt=True)
+    full = tok.render_chat(messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise DataError("the chat template does not render the reply after the generation prompt")
+    prompt_ids, reply_ids = tok.encode(prompt), tok.encode(full[len(prompt):])
+    # Keep the reply up to and including its end-of-turn token; what follows (a newline) is not ours.
+    end = next((i for i, t in enumerate(reply_ids) if t in tok.stop_ids), len(reply_ids) - 1)
+    reply_ids = reply_ids[:end + 1]
+    return Example(prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids, kind="qa")
+
+
+RECITE = "\n\nGiven the context above, recite the following segment of the text.\n"
+
+
+def contextualized_example(doc: list[int], span: tuple[int, int], cfg: DataConfig, tok, rng: random.Random) -> Example:
+    """CT: [head span][...][tail span][instruction][window]; loss on the window only."""
+    a, b = span
+    head = rng.randint(0, cfg.context)               # the budget is fixed; its split is random
+    tail = cfg.context - head
+    prefix = tok.encode(tok.decode(doc[:head]) + "\n...\n" + tok.decode(doc[max(0, len(doc) - tail):]) + RECITE)
+    return Example(prefix + doc[a:b], [IGNORE] * len(prefix) + doc[a:b])
+
+
+# ----------------------------------------------------------------------------- QA files
+def read_qa_jsonl(path: str) -> list[dict]:
+    """{"question": ..., "answer": ...} per line; a malformed line is an error naming the line."""
+    pairs = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read QA file {path}: {e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) and rec[k].strip() for k in ("question", "answer")):
+            raise DataError(f"{path}, line {i}: expected an object with non-empty \"question\" and \"answer\" strings")
+        pairs.append({"question": rec["question"], "answer": rec["answer"]})
+    return pairs
+
+
+def sentences(text: str) -> list[str]:
+    """A plain sentence splitter: enough to cut the document into passages for QA synthesis."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+# ----------------------------------------------------------------------------- the mix and the schedule
+def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, tok, seed: int) -> list[list[Example]]:
+    """The released schedule: epochs on windows only, then windows + QA (if any), each epoch in a
+    seeded random order. QA examples carry the truncated document as at test time."""
+    rng = random.Random(seed)
+    spans = window_spans(len(doc), cfg.window, cfg.step)
+    context_text = truncate_middle(doc, cfg.context, tok)
+    qa_examples = [qa_example(tok, p["question"], p["answer"], context_text) for p in qa]
+    plan = []
+    for epoch in range(epochs):
+        if cfg.contextualized:   # fresh random head/tail splits every epoch
+            items = [contextualized_example(doc, s, cfg, tok, rng) for s in spans]
+        else:
+            items = window_examples(doc, cfg)
+        if qa_examples and epoch >= cfg.qa_start_epoch:
+            items = items + qa_examples
+        rng.shuffle(items)
+        plan.append(items)
+    return plan

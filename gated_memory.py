@@ -1,0 +1,209 @@
+"""Gated Memory: the adapter LIFT trains on a long input (arXiv 2502.14644, §3.3).
+
+Why this shape. Attention of a query q over [long input ; context] splits exactly into
+    g · Attn(q, long input) + (1 − g) · Attn(q, context),
+where g is the share of q's attention mass that falls on the long input. Once the long input has
+been taken out of the context, both g and Attn(q, long input) must come from the parameters, as
+functions of q alone. So for every layer and every *query* head h, with q the head's query before
+rotary embedding (the memory is about content, not position):
+    m_h(q) = W2_h · SiLU(W1_h · q)                    D -> 2D -> D       the memory
+    u_h(q) = w2_h · SiLU(W1'_h · q),  g_h = σ(3·(u − 1))   D -> ⌊√D⌋ -> 1   the gate, one scalar
+    o_h    = (1 − g_h) · Attn_h + g_h · m_h(q)
+and the o_h go on to the frozen output projection wo. Every base weight stays frozen.
+
+It plugs into model.py through the single hook `Attention.head_adapter`.
+
+Initialisation (our choice, following the released code's "small random weights"): the input
+layers W1, W1' get PyTorch's usual fan-in scale so their activations carry signal from the start;
+the output layers W2, w2 get tiny weights (std 1e-3), so m ≈ 0 and u ≈ 0, hence
+g ≈ σ(−3) ≈ 0.047. A fresh adapter therefore scales each attention output by ≈ 0.953: close to
+the base model, not equal to it (tests/test_gated_memory.py states the bound).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoint import fingerprint
+from model import ConfigError, Transformer
+
+
+@dataclass
+class GatedMemoryConfig:
+    memory_mult: int = 2          # memory MLP hidden width = memory_mult · D (the paper: 2D)
+    gate_width: int = 0           # gate MLP hidden width; 0 means ⌊√D⌋ as in the paper
+    gate_scale: float = 3.0       # g = σ(gate_scale · (u − gate_shift))
+    gate_shift: float = 1.0
+    init_std: float = 1e-3        # std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))
+
+    def gate_hidden(self, head_dim: int) -> int:
+        return self.gate_width or math.isqrt(head_dim)
+
+
+class GatedMemory(nn.Module):
+    """Memory and gate MLPs for the H query heads of one layer; each head has its own weights,
+    stored stacked along a leading H axis so that all heads run as one batched matmul."""
+
+    def __init__(self, n_heads: int, head_dim: int, cfg: GatedMemoryConfig):
+        super().__init__()
+        H, D, W, R = n_heads, head_dim, cfg.memory_mult * head_dim, cfg.gate_hidden(head_dim)
+        self.cfg = cfg
+        self.mem_in = nn.Parameter(torch.empty(H, D, W))     # W1_h
+        self.mem_out = nn.Parameter(torch.empty(H, W, D))    # W2_h
+        self.gate_in = nn.Parameter(torch.empty(H, D, R))    # W1'_h
+        self.gate_out = nn.Parameter(torch.empty(H, R))      # w2_h
+        nn.init.uniform_(self.mem_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
+        nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
+        nn.init.normal_(self.mem_out, std=cfg.init_std)
+        nn.init.normal_(self.gate_out, std=cfg.init_std)
+        # Diagnostics, not training state: force g to a constant, or record the mean g per head.
+        self.force_gate: Optional[float] = None
+        self.record_gates = False
+        self.last_gates: Optional[torch.Tensor] = None       # (H,) mean over batch and positions
+
+    def gate(self, q: torch.Tensor) -> torch.Tensor:
+        """g(q) in (0, 1). q: (B, T, H, D) -> (B, T, H, 1)."""
+        h = F.silu(torch.einsum("bthd,hdr->bthr", q, self.gate_in))         # (B, T, H, R)
+        u = torch.einsum("bthr,hr->bth", h, self.gate_out)                   # (B, T, H)
+        return torch.sigmoid(self.cfg.gate_scale * (u.float() - self.cfg.gate_shift)).unsqueeze(-1)
+
+    def memory(self, q: torch.Tensor) -> torch.Tensor:
+        """m(q). q: (B, T, H, D) -> (B, T, H, D)."""
+        h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))          # (B, T, H, 2D)
+        return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
+
+    def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
+        (B, T, H, D). Returns (1 − g)·attn + g·m(q), (B, T, H, D)."""
+        g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
+        if self.record_gates:
+            self.last_gates = g.detach().float().mean(dim=(0, 1, 3)).cpu()  # (H,)
+        if self.force_gate == 0.0:   # exactly the base model: skip m (and its rounding) altogether
+            return attn
+        out = (1 - g) * attn.float() + g * self.memory(q).float()
+        return out.to(attn.dtype)
+
+
+# ----------------------------------------------------------------------------- attaching and freezing
+def attach(model: Transformer, cfg: GatedMemoryConfig, seed: Optional[int] = None) -> list[GatedMemory]:
+    """Give every attention layer a fresh Gated Memory (fp32, on the model's device); returns them.
+    Any adapter already attached is replaced. seed makes the initialisation reproducible."""
+    device = model.tok_embeddings.weight.device
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    adapters = []
+    for layer in model.layers:
+        mem = GatedMemory(model.cfg.n_heads, model.cfg.head_dim, cfg).to(device)
+        layer.attention.head_adapter = mem
+        adapters.append(mem)
+    if seed is not None:
+        torch.random.set_rng_state(gen_state)
+    mark_only_adapter_trainable(model)
+    model.adapter_config = cfg
+    return adapters
+
+
+def adapters(model: Transformer) -> list[GatedMemory]:
+    return [l.attention.head_adapter for l in model.layers if l.attention.head_adapter is not None]
+
+
+def remove(model: Transformer) -> None:
+    for layer in model.layers:
+        layer.attention.head_adapter = None
+    model.adapter_config = None
+
+
+@contextmanager
+def disabled(model: Transformer):
+    """Run the plain base model for a while (ICL mode), then put the adapters back."""
+    saved = [l.attention.head_adapter for l in model.layers]
+    for layer in model.layers:
+        layer.attention.head_adapter = None
+    try:
+        yield
+    finally:
+        for layer, a in zip(model.layers, saved):
+            layer.attention.head_adapter = a
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".head_adapter." in name
+
+
+def mark_only_adapter_trainable(model: Transformer) -> None:
+    """Freeze every base weight; train only the Gated Memory MLPs."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(name))
+
+
+def trainable_parameters(model: Transformer) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors, by their names in the model."""
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter_param(n)}
+
+
+# ----------------------------------------------------------------------------- saving and loading
+def save(model: Transformer, path: str, extra: Optional[dict] = None) -> None:
+    """Adapter tensors + config + base fingerprint, in safetensors, written atomically
+    (a temporary file renamed into place, so a crash never leaves half a file)."""
+    meta = {"format": "lift-gated-memory/1", "config": json.dumps(asdict(model.adapter_config)),
+            "base_fingerprint": fingerprint(model), "extra": json.dumps(extra or {})}
+    tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_metadata(path: str) -> dict:
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ConfigError(f"cannot read adapter {path}: {e}") from None
+    if meta.get("format") != "lift-gated-memory/1":
+        raise ConfigError(f"{path} is not a Gated Memory adapter saved by this project")
+    return meta
+
+
+def load(model: Transformer, path: str) -> dict:
+    """Attach the adapter saved at path to model. Refuses a file made for another base model or
+    with tensors that do not match exactly. Returns the file's `extra` dict."""
+    meta = read_metadata(path)
+    if meta["base_fingerprint"] != fingerprint(model):
+        raise ConfigError(f"{path} was trained on another base model (fingerprint {meta['base_fingerprint']}, "
+                          f"this model is {fingerprint(model)})")
+    attach(model, GatedMemoryConfig(**json.loads(meta["config"])))
+    expected = adapter_state_dict(model)
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        if names != set(expected):
+            raise ConfigError(f"{path}: adapter tensors do not match this model "
+                              f"(missing {sorted(set(expected) - names)[:3]}, unexpected {sorted(names - set(expected))[:3]})")
+        with torch.no_grad():
+            for n, p in expected.items():
+                t = f.get_tensor(n)
+                if t.shape != p.shape:
+                    raise ConfigError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                p.copy_(t)
+    return json.loads(meta["extra"])

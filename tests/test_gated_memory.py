@@ -1,0 +1,123 @@
+"""Gated Memory (§3.3): the gate's limits, its independence from position, the frozen base, and
+adapter files that hold exactly the adapter and refuse a foreign base model."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+import gated_memory as gm
+from model import ConfigError
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 19, 64, 1, 300]])
+
+
+def with_adapter(seed=0, **kw):
+    model = tiny_model()
+    gm.attach(model, gm.GatedMemoryConfig(**kw), seed=seed)
+    return model
+
+
+def test_gate_forced_to_zero_gives_the_base_model_exactly():
+    base = tiny_model()
+    model = with_adapter()
+    for a in gm.adapters(model):
+        a.force_gate = 0.0
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base(IDS))
+
+
+def test_gate_forced_to_one_makes_a_head_output_its_memory():
+    model = with_adapter()
+    attn = model.layers[0].attention
+    mem = attn.head_adapter
+    mem.force_gate = 1.0
+    x = torch.randn(1, 5, model.cfg.dim)
+    q = attn.wq(x).view(1, 5, model.cfg.n_heads, model.cfg.head_dim)
+    y = torch.randn_like(q)                                    # any attention output: it must be ignored
+    assert torch.allclose(mem(q, y), mem.memory(q), atol=1e-6)
+
+
+def test_gate_stays_strictly_between_zero_and_one():
+    # (In fp32 a sigmoid saturates to exactly 0 or 1 once |3(u - 1)| passes ~17-88, so we test a
+    # wide but finite regime: weights far from their initialisation, gates spread over (0, 1).)
+    torch.manual_seed(0)
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig())
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(std=0.3)
+    g = mem.gate(torch.randn(2, 50, 4, 16))
+    assert (g > 0).all() and (g < 1).all()
+    assert g.min() < 0.01 and g.max() > 0.9                   # the regime really is wide
+
+
+def test_fresh_gate_is_sigmoid_of_minus_three():
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig())
+    g = mem.gate(torch.randn(1, 30, 4, 16))
+    assert torch.allclose(g, torch.full_like(g, 1 / (1 + math.exp(3))), atol=2e-3)
+
+
+def test_gate_and_memory_do_not_depend_on_position():
+    """The same token at different positions gets the same q before rotary embedding, so the
+    same g and m: record what the adapter sees and compare across positions."""
+    model = with_adapter()
+    seen = {}
+    mem = model.layers[0].attention.head_adapter
+    mem.register_forward_hook(lambda mod, inp, out: seen.update(q=inp[0]))
+    with torch.no_grad():
+        model(torch.tensor([[7, 7, 7, 7, 7, 7]]))           # layer 0 input is the embedding only
+    q = seen["q"]                                             # (1, T, H, D)
+    g, m = mem.gate(q), mem.memory(q)
+    assert torch.allclose(g[0, 0], g[0, 5]) and torch.allclose(m[0, 0], m[0, 5])
+    assert not torch.allclose(q[0, 0], torch.zeros_like(q[0, 0]))
+
+
+def test_a_fresh_adapter_changes_the_loss_of_ordinary_text_only_a_little():
+    """g ≈ 0.047 shrinks every attention output by ≈ 5%; on the tiny model the loss moves by < 5%."""
+    base, model = tiny_model(), with_adapter()
+    with torch.no_grad():
+        lb = F.cross_entropy(base(IDS)[0, :-1], IDS[0, 1:]).item()
+        la = F.cross_entropy(model(IDS)[0, :-1], IDS[0, 1:]).item()
+    assert abs(la - lb) / lb < 0.05
+
+
+def test_only_adapter_tensors_are_trainable_and_they_are_per_head():
+    model = with_adapter()
+    names = set(gm.trainable_parameters(model))
+    c = model.cfg
+    want = {f"layers.{i}.attention.head_adapter.{n}" for i in range(c.n_layers)
+            for n in ("mem_in", "mem_out", "gate_in", "gate_out")}
+    assert names == want == set(gm.adapter_state_dict(model))
+    mem = model.layers[0].attention.head_adapter
+    assert mem.mem_in.shape == (c.n_heads, c.head_dim, 2 * c.head_dim)
+    assert mem.gate_in.shape == (c.n_heads, c.head_dim, math.isqrt(c.head_dim))
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    model = with_adapter()
+    with torch.no_grad():
+        for p in gm.trainable_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+        want = model(IDS)
+    gm.save(model, str(tmp_path / "a.safetensors"), {"note": "x"})
+    fresh = tiny_model()
+    extra = gm.load(fresh, str(tmp_path / "a.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), want)
+    assert extra == {"note": "x"}
+    assert not (set(p for p in tmp_path.iterdir()) - {tmp_path / "a.safetensors"})   # no temp file left
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path):
+    gm.save(with_adapter(), str(tmp_path / "a.safetensors"))
+    other = tiny_model(seed=1)
+    with pytest.raises(ConfigError, match="another base model"):
+        gm.load(other, str(tmp_path / "a.safetensors"))
+
+
+def test_disabled_context_runs_the_base_model_and_restores_the_adapter():
+    base, model = tiny_model(), with_adapter()
+    with torch.no_grad(), gm.disabled(model):
+        assert torch.equal(model(IDS), base(IDS))
+    assert len(gm.adapters(model)) == model.cfg.n_layers

@@ -1,0 +1,144 @@
+"""LIFT end to end: the frozen base, a learning adapter, determinism, the cache, and the command
+line's behaviour on good and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TEXT
+import gated_memory as gm
+from checkpoint import load_model
+from data import DataConfig
+from lift import absorb, answer, document_loss
+from train import TrainConfig
+
+SMALL = dict(data_cfg=DataConfig(window=32, context=48), mem_cfg=gm.GatedMemoryConfig())
+
+
+def run_absorb(path, seed=0, epochs=3, **kw):
+    model, tok = load_model(str(path))
+    result = absorb(model, tok, TEXT, train_cfg=TrainConfig(epochs=epochs, dtype="float32", seed=seed),
+                    progress=False, **SMALL, **kw)
+    return model, tok, result
+
+
+def test_training_changes_only_the_adapter_and_the_document_loss_falls(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    doc = tok.encode(TEXT)
+    loss_before = document_loss(model, doc, SMALL["data_cfg"], dtype="float32")
+    result = absorb(model, tok, TEXT, train_cfg=TrainConfig(epochs=8, dtype="float32"), progress=False, **SMALL)
+    assert result.trained
+    for n, p in model.named_parameters():
+        if gm.is_adapter_param(n):
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p, before[n]), f"base tensor {n} changed"
+    fresh = gm.GatedMemory(model.cfg.n_heads, model.cfg.head_dim, gm.GatedMemoryConfig())
+    assert not torch.equal(model.layers[0].attention.head_adapter.mem_out, fresh.mem_out)
+    loss_after = document_loss(model, doc, SMALL["data_cfg"], dtype="float32")
+    assert loss_after < loss_before - 0.1, (loss_before, loss_after)
+
+
+def test_two_runs_with_one_seed_give_the_same_adapter(tiny_dir):
+    a, _, _ = run_absorb(tiny_dir, use_cache=False)
+    b, _, _ = run_absorb(tiny_dir, use_cache=False)
+    c, _, _ = run_absorb(tiny_dir, seed=1, use_cache=False)
+    sa, sb, sc = gm.adapter_state_dict(a), gm.adapter_state_dict(b), gm.adapter_state_dict(c)
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert not all(torch.equal(sa[n], sc[n]) for n in sa)
+
+
+def test_second_absorb_of_the_same_document_loads_the_cache(tiny_dir):
+    m1, tok, first = run_absorb(tiny_dir)
+    m2, _, second = run_absorb(tiny_dir)
+    assert first.trained and not second.trained and first.path == second.path
+    ids = torch.tensor([tok.encode(TEXT)[:40]])
+    with torch.no_grad():
+        assert torch.equal(m1(ids), m2(ids))
+    _, _, third = run_absorb(tiny_dir, epochs=2)       # another setting: another adapter
+    assert third.trained and third.path != first.path
+
+
+def test_answer_modes_use_and_skip_the_adapter(tiny_dir):
+    model, tok, _ = run_absorb(tiny_dir)
+    doc = tok.encode(TEXT)
+    lift = answer(model, tok, "What came?", doc, mode="lift", context=48, max_new_tokens=8, dtype="float32")
+    icl = answer(model, tok, "What came?", doc, mode="icl", context=48, max_new_tokens=8, dtype="float32")
+    gm.remove(model)
+    base_icl = answer(model, tok, "What came?", doc, mode="icl", context=48, max_new_tokens=8, dtype="float32")
+    assert icl == base_icl and isinstance(lift, str)
+
+
+# ----------------------------------------------------------------------------- command line
+def cli(*args, cache, timeout=600):
+    env = {**os.environ, "LIFT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def doc(tmp_path):
+    p = tmp_path / "doc.txt"
+    p.write_text(TEXT * 2)
+    return p
+
+
+def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path):
+    args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
+            "--context", "48", "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "4", "--quiet"]
+    first = cli(*args, cache=tmp_path / "c")
+    assert first.returncode == 0, first.stderr
+    assert "Q: What came?" in first.stdout and "\nA: " in first.stdout and "tokens/s" in first.stderr
+    second = cli(*args, cache=tmp_path / "c")
+    assert second.returncode == 0 and "no training" in second.stderr and "tokens/s" not in second.stderr
+    assert second.stdout == first.stdout
+
+
+@pytest.mark.parametrize("setup,extra,message", [
+    ("missing", [], "no such file"),
+    ("empty", [], "is empty"),
+    ("latin1", [], "not utf-8"),
+    ("ok", ["--ask", "  "], "empty question"),
+    ("ok", ["--window", "100000"], "larger than the model's context"),
+    ("badqa", [], "line 2"),
+    ("ok", ["--lr", "inf"], "loss became nan"),
+])
+def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
+    doc = tmp_path / "d.txt"
+    args = []
+    if setup == "empty":
+        doc.write_text("  \n")
+    elif setup == "latin1":
+        doc.write_bytes("Caf\xe9 au lait".encode("latin-1"))
+    elif setup in ("ok", "badqa"):
+        doc.write_text(TEXT * 2)
+    if setup == "badqa":
+        qa = tmp_path / "qa.jsonl"
+        qa.write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n{broken\n")
+        args = ["--qa", str(qa)]
+    r = cli("--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32", "--context", "48",
+            "--epochs", "1", "--dtype", "float32", "--quiet", *args, *extra, cache=tmp_path / "c")
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0].lower(), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+@pytest.mark.real
+def test_default_model_end_to_end_with_tiny_settings(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text((ROOT / "examples" / "orchard_chronicle.txt").read_text()[:1500])
+    args = ["--doc", str(doc), "--ask", "Who founded Vellmora?", "--window", "128", "--context", "128",
+            "--epochs", "1", "--max-new-tokens", "12", "--quiet"]
+    first = cli(*args, cache=tmp_path / "c")
+    assert first.returncode == 0, first.stderr
+    assert "tokens/s" in first.stderr and len(first.stdout.split("A: ", 1)[1].strip()) > 0
+    second = cli(*args, cache=tmp_path / "c")
+    assert second.returncode == 0 and "no training" in second.stderr
