@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -319,18 +320,55 @@ def load_model(name_or_path: Optional[str] = None, device="cpu", dtype=torch.flo
 
 
 def fingerprint(model: Transformer) -> str:
-    """A short hash of the architecture and (a strided sample of) every weight, so an adapter
+    """A short hash of the architecture and (a strided sample of) every base weight, so an adapter
     trained on one base model is refused by another. Values are rounded to bf16 first so the
-    same checkpoint loaded in fp32 or bf16 gives the same fingerprint."""
+    same checkpoint loaded in fp32 or bf16 gives the same fingerprint. Adapters are not hashed."""
     h = hashlib.sha256()
     cfg = json.loads(model.cfg.to_json())
     cfg.pop("fused_attention")             # a runtime choice, not part of the weights
     h.update(json.dumps(cfg, sort_keys=True).encode())
+    base = set(name_map(model.cfg, HF).values())
     for name, p in sorted(model.named_parameters()):
-        if ".head_adapter." in name:       # adapters are not part of the base
+        if name not in base:
             continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).float().cpu()
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- adapter files
+def write_adapter_file(model: Transformer, path: str, fmt: str, config: dict, tensors: dict, extra=None) -> None:
+    """Adapter tensors + their config + the base model's fingerprint, in safetensors, written
+    atomically (a temporary file renamed into place, so a crash never leaves half a file)."""
+    from safetensors.torch import save_file
+    meta = {"format": fmt, "config": json.dumps(config), "base_fingerprint": fingerprint(model),
+            "extra": json.dumps(extra or {})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_adapter_file(model: Transformer, path: str, fmt: str) -> tuple[dict, dict, dict]:
+    """-> (config, tensors, extra). Refuses another format or another base model."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ConfigError(f"cannot read adapter {path}: {e}") from None
+    if meta.get("format") != fmt:
+        raise ConfigError(f"{path} is not a {fmt} adapter (it says {meta.get('format')!r})")
+    if meta["base_fingerprint"] != fingerprint(model):
+        raise ConfigError(f"{path} was trained on another base model (fingerprint {meta['base_fingerprint']}, "
+                          f"this model is {fingerprint(model)})")
+    return json.loads(meta["config"]), tensors, json.loads(meta["extra"])

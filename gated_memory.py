@@ -21,10 +21,7 @@ the base model, not equal to it (tests/test_gated_memory.py states the bound).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -32,10 +29,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from checkpoint import fingerprint
+from checkpoint import read_adapter_file, write_adapter_file
 from model import ConfigError, Transformer
 
 
@@ -158,52 +153,26 @@ def adapter_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- saving and loading
+FORMAT = "lift-gated-memory/1"
+
+
 def save(model: Transformer, path: str, extra: Optional[dict] = None) -> None:
-    """Adapter tensors + config + base fingerprint, in safetensors, written atomically
-    (a temporary file renamed into place, so a crash never leaves half a file)."""
-    meta = {"format": "lift-gated-memory/1", "config": json.dumps(asdict(model.adapter_config)),
-            "base_fingerprint": fingerprint(model), "extra": json.dumps(extra or {})}
-    tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_metadata(path: str) -> dict:
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise ConfigError(f"cannot read adapter {path}: {e}") from None
-    if meta.get("format") != "lift-gated-memory/1":
-        raise ConfigError(f"{path} is not a Gated Memory adapter saved by this project")
-    return meta
+    """Only the adapter's tensors, its config and the base fingerprint (safetensors, atomic)."""
+    write_adapter_file(model, path, FORMAT, asdict(model.adapter_config), adapter_state_dict(model), extra)
 
 
 def load(model: Transformer, path: str) -> dict:
     """Attach the adapter saved at path to model. Refuses a file made for another base model or
     with tensors that do not match exactly. Returns the file's `extra` dict."""
-    meta = read_metadata(path)
-    if meta["base_fingerprint"] != fingerprint(model):
-        raise ConfigError(f"{path} was trained on another base model (fingerprint {meta['base_fingerprint']}, "
-                          f"this model is {fingerprint(model)})")
-    attach(model, GatedMemoryConfig(**json.loads(meta["config"])))
-    expected = adapter_state_dict(model)
-    with safe_open(path, framework="pt") as f:
-        names = set(f.keys())
-        if names != set(expected):
-            raise ConfigError(f"{path}: adapter tensors do not match this model "
-                              f"(missing {sorted(set(expected) - names)[:3]}, unexpected {sorted(names - set(expected))[:3]})")
-        with torch.no_grad():
-            for n, p in expected.items():
-                t = f.get_tensor(n)
-                if t.shape != p.shape:
-                    raise ConfigError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                p.copy_(t)
-    return json.loads(meta["extra"])
+    cfg, tensors, extra = read_adapter_file(model, path, FORMAT)
+    attach(model, GatedMemoryConfig(**cfg))
+    own = adapter_state_dict(model)
+    if set(tensors) != set(own):
+        raise ConfigError(f"{path}: adapter tensors do not match this model "
+                          f"(missing {sorted(set(own) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(own))[:3]})")
+    with torch.no_grad():
+        for n, p in own.items():
+            if tensors[n].shape != p.shape:
+                raise ConfigError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[n])
+    return extra

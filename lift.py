@@ -22,10 +22,40 @@ from typing import Callable, Optional
 import torch
 
 import gated_memory
+import lora
 from data import DataConfig, DataError, build_epochs, question_messages, read_qa_jsonl, sentences, truncate_middle, window_spans
 from checkpoint import fingerprint
 from model import generate
 from train import TrainConfig, autocast, example_loss, train_adapter
+
+
+# The two adapters LIFT can train: the paper's Gated Memory and a LoRA baseline (same interface).
+ADAPTERS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
+FORMATS = {gated_memory.FORMAT: gated_memory, lora.FORMAT: lora}
+
+
+def attached(model):
+    """The adapter module (gated_memory or lora) attached to model, or None."""
+    return next((m for m in ADAPTERS.values() if m.adapters(model)), None)
+
+
+def detach_all(model):
+    for m in ADAPTERS.values():
+        m.remove(model)
+
+
+def load_adapter(model, path: str) -> dict:
+    """Load an adapter file of either kind; its own header says which."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception as e:
+        raise LiftError(f"cannot read adapter {path}: {e}") from None
+    if fmt not in FORMATS:
+        raise LiftError(f"{path} is not an adapter saved by this project")
+    detach_all(model)
+    return FORMATS[fmt].load(model, path)
 
 
 class LiftError(RuntimeError):
@@ -65,11 +95,12 @@ class AbsorbResult:
                 f"adapter: {self.path or 'not saved (--no-cache)'}")
 
 
-def cache_key(doc_ids: list[int], base_fp: str, data_cfg: DataConfig, mem_cfg, train_cfg: TrainConfig,
+def cache_key(doc_ids: list[int], base_fp: str, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig,
               qa: list[dict], synth_qa: int) -> str:
     """Everything that changes the trained adapter, hashed."""
     blob = json.dumps({"doc": hashlib.sha256(json.dumps(doc_ids).encode()).hexdigest(), "base": base_fp,
-                       "data": asdict(data_cfg), "memory": asdict(mem_cfg), "train": asdict(train_cfg),
+                       "data": asdict(data_cfg), "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)],
+                       "train": asdict(train_cfg),
                        "qa": qa, "synth_qa": synth_qa}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -82,65 +113,74 @@ def check_fits(model, data_cfg: DataConfig):
                         f"in the model's {model.cfg.max_seq_len}-token window")
 
 
-def absorb(model, tok, text: str, *, data_cfg: DataConfig, mem_cfg: gated_memory.GatedMemoryConfig,
-           train_cfg: TrainConfig, qa_path: Optional[str] = None, synth_qa: int = 0,
+def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig, qa_path: Optional[str] = None, synth_qa: int = 0,
            adapter_path: Optional[str] = None, use_cache: bool = True, progress: bool = True) -> AbsorbResult:
     """Leave `model` with an adapter holding `text`: loaded from adapter_path or the cache when
-    possible, otherwise trained from a fresh initialisation and then saved."""
+    possible, otherwise trained from a fresh initialisation and then saved. adapter_cfg is a
+    GatedMemoryConfig (the paper's adapter) or a LoRAConfig (the baseline)."""
+    kind = ADAPTERS[type(adapter_cfg)]
     check_fits(model, data_cfg)
     doc = tok.encode(text)
     if not doc:
         raise LiftError("the document has no tokens")
     window_spans(len(doc), data_cfg.window, data_cfg.step)   # validates window/stride early
     if adapter_path and Path(adapter_path).exists():
-        extra = gated_memory.load(model, adapter_path)
+        extra = load_adapter(model, adapter_path)
         return AbsorbResult(adapter_path, False, extra.get("stats", {}), extra.get("qa", []))
     qa = read_qa_jsonl(qa_path) if qa_path else []
     base_fp = fingerprint(model)
-    key = cache_key(doc, base_fp, data_cfg, mem_cfg, train_cfg, qa, synth_qa)
+    key = cache_key(doc, base_fp, data_cfg, adapter_cfg, train_cfg, qa, synth_qa)
     cached = cache_dir() / f"{key}.safetensors"
     if use_cache and cached.exists():
-        extra = gated_memory.load(model, str(cached))
+        extra = load_adapter(model, str(cached))
         if adapter_path:
-            gated_memory.save(model, adapter_path, extra)
+            kind.save(model, adapter_path, extra)
         return AbsorbResult(str(cached), False, extra.get("stats", {}), extra.get("qa", []))
 
-    gated_memory.remove(model)
+    detach_all(model)
     if synth_qa:
         qa = qa + synthesize_qa(model, tok, text, synth_qa, seed=train_cfg.seed, dtype=train_cfg.dtype, progress=progress)
     plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
-    gated_memory.attach(model, mem_cfg, seed=train_cfg.seed)
+    kind.attach(model, adapter_cfg, seed=train_cfg.seed)
     stats = train_adapter(model, plan, train_cfg, progress=progress)
-    stats["trainable_params"] = sum(p.numel() for p in gated_memory.trainable_parameters(model).values())
+    stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = {"stats": stats, "qa": qa, "doc_tokens": len(doc)}
     path = None
     if adapter_path:
-        gated_memory.save(model, adapter_path, extra)
+        kind.save(model, adapter_path, extra)
         path = adapter_path
     if use_cache:
-        gated_memory.save(model, str(cached), extra)
+        kind.save(model, str(cached), extra)
         path = path or str(cached)
     return AbsorbResult(path, True, stats, qa)
 
 
-MODES = ("icl", "lift", "lift+icl")
+# The paper's three modes (§6), plus two baselines for eval.py: "closed" (base model, no document)
+# and "full" (base model, the whole document in context: the upper bound when it fits).
+MODES = ("icl", "lift", "lift+icl", "closed", "full")
+BASE_MODES = ("icl", "closed", "full")          # run with any adapter switched off
 
 
 def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -> list[int]:
     """The prompt of §6: the truncated document in context for icl and lift+icl, none for lift."""
     if mode not in MODES:
         raise LiftError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    context_text = None if mode == "lift" else truncate_middle(doc, context, tok)
+    if mode in ("lift", "closed"):
+        context_text = None
+    else:
+        context_text = tok.decode(doc) if mode == "full" else truncate_middle(doc, context, tok)
     return tok.encode_chat(question_messages(question, context_text))
 
 
 def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 1024,
            max_new_tokens: int = 64, dtype: str = "bfloat16",
            stream: Optional[Callable[[str], None]] = None) -> str:
-    """Greedy answer. icl runs the base model (adapters switched off); lift modes need an adapter."""
+    """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter
+    switched off; lift and lift+icl need an adapter."""
     if not question.strip():
         raise LiftError("empty question")
-    if mode != "icl" and not gated_memory.adapters(model):
+    kind = attached(model)
+    if mode not in BASE_MODES and kind is None:
         raise LiftError(f"mode {mode} needs an adapter: absorb the document first")
     prompt = answer_prompt(tok, question, doc, mode, context)
     device = model.tok_embeddings.weight.device
@@ -157,8 +197,8 @@ def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl",
                 printed = text
 
     with autocast(device, dtype):
-        if mode == "icl":
-            with gated_memory.disabled(model):
+        if mode in BASE_MODES and kind is not None:
+            with kind.disabled(model):
                 ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
         else:
             ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
@@ -205,7 +245,7 @@ def synthesize_qa(model, tok, text: str, n: int, *, seed: int = 0, retries: int 
         passage = " ".join(sents[start:start + passage_sentences])
         prompt = tok.encode_chat([{"role": "user", "content": SYNTH_PROMPT.format(passage=passage)}])
         for attempt in range(retries):
-            with autocast(device, dtype), gated_memory.disabled(model):
+            with autocast(device, dtype):   # called before an adapter is attached: the base model
                 reply = tok.decode(generate(model, prompt, 96, stop_ids=tok.stop_ids, temperature=0.7,
                                             seed=seed * 1000 + i * retries + attempt))
             triple = parse_qa(reply)

@@ -16,7 +16,7 @@ from data import DataConfig
 from lift import absorb, answer, document_loss
 from train import TrainConfig
 
-SMALL = dict(data_cfg=DataConfig(window=32, context=48), mem_cfg=gm.GatedMemoryConfig())
+SMALL = dict(data_cfg=DataConfig(window=32, context=48), adapter_cfg=gm.GatedMemoryConfig())
 
 
 def run_absorb(path, seed=0, epochs=3, **kw):

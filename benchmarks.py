@@ -1,0 +1,217 @@
+"""Benchmark data for eval.py: file formats, generated long documents, needles, and metrics.
+
+The paper evaluates LIFT on LooGLE and LongBench with a GPT-4 judge (arXiv 2502.14644 §4). Here:
+  * our own JSONL format, one document per line:
+        {"id": ..., "document": "..." | "document_path": "...",
+         "questions": [{"question": ..., "answers": [...], "evidence_pos": 0.42}, ...]}
+    (evidence_pos, optional, is where the evidence starts, as a fraction of the document's tokens);
+  * LongBench's JSONL ({"context", "input", "answers"}), one question per line, grouped by context;
+  * generated documents of invented facts at any length, each fact a question whose evidence
+    position is known, so accuracy can be read against "inside or outside the ICL budget";
+  * needle-in-a-haystack: one invented fact at depth d of a haystack of length L;
+  * SQuAD-style metrics: exact match, token F1, and "answer contained".
+Everything generated is deterministic under its seed. This file is separate from eval.py so that
+the data can be read (and tested) without the runner and its plots.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+# ----------------------------------------------------------------------------- metrics (SQuAD style)
+def normalize(s: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, refs: list[str]) -> float:
+    return float(any(normalize(pred) == normalize(r) for r in refs))
+
+
+def token_f1(pred: str, refs: list[str]) -> float:
+    def f1(p, r):
+        p, r = normalize(p).split(), normalize(r).split()
+        if not p or not r:
+            return float(p == r)
+        common = sum((Counter(p) & Counter(r)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(r)
+        return 2 * precision * recall / (precision + recall)
+    return max(f1(pred, r) for r in refs)
+
+
+def contains(pred: str, refs: list[str]) -> float:
+    """1 if some non-empty normalised reference appears, on word boundaries, in the prediction."""
+    p = f" {normalize(pred)} "
+    return float(any(normalize(r) and f" {normalize(r)} " in p for r in refs))
+
+
+def score(pred: str, refs: list[str]) -> dict:
+    return {"em": exact_match(pred, refs), "f1": token_f1(pred, refs), "contains": contains(pred, refs)}
+
+
+# ----------------------------------------------------------------------------- reading files
+def _warn(path, line, why):
+    print(f"warning: {path}, line {line}: skipped ({why})", file=sys.stderr)
+
+
+def read_benchmark(path: str) -> list[dict]:
+    """Our format or LongBench's (detected per line). Malformed lines are reported and skipped.
+    Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""
+    docs: dict[str, dict] = {}
+    base = Path(path).parent
+    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            _warn(path, i, f"not JSON: {e.msg}")
+            continue
+        if not isinstance(rec, dict):
+            _warn(path, i, "not an object")
+        elif "context" in rec:                                  # LongBench
+            if not (isinstance(rec.get("input"), str) and isinstance(rec.get("answers"), list) and rec["answers"]):
+                _warn(path, i, "LongBench record needs 'input' and a non-empty 'answers' list")
+                continue
+            doc = docs.setdefault(rec["context"], {"id": rec.get("_id", f"line{i}"), "document": rec["context"], "questions": []})
+            doc["questions"].append({"question": rec["input"], "answers": [str(a) for a in rec["answers"]]})
+        else:                                                   # ours
+            text = rec.get("document")
+            if text is None and isinstance(rec.get("document_path"), str):
+                p = (base / rec["document_path"])
+                if not p.is_file():
+                    _warn(path, i, f"document_path {rec['document_path']} not found")
+                    continue
+                text = p.read_text(encoding="utf-8")
+            qs = rec.get("questions")
+            if not isinstance(text, str) or not text.strip() or not isinstance(qs, list) or not qs:
+                _warn(path, i, "needs 'document' (or 'document_path') and a non-empty 'questions' list")
+                continue
+            good = [q for q in qs if isinstance(q, dict) and isinstance(q.get("question"), str) and q.get("answers")]
+            if len(good) != len(qs):
+                _warn(path, i, f"{len(qs) - len(good)} malformed question(s) dropped")
+            doc = {"id": str(rec.get("id", f"line{i}")), "document": text,
+                   "questions": [{**q, "answers": [str(a) for a in q["answers"]]} for q in good]}
+            docs[doc["id"] + "\0" + str(i)] = doc
+    return list(docs.values())
+
+
+def read_questions(path: str) -> list[dict]:
+    """One question per line: {"question", "answer" or "answers", "evidence_pos"?}; bad lines are
+    reported and skipped."""
+    out = []
+    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            refs = rec.get("answers") or [rec["answer"]]
+            if not isinstance(rec["question"], str) or not refs:
+                raise ValueError("empty question or answer")
+            out.append({**rec, "answers": [str(r) for r in refs]})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            _warn(path, i, f"{type(e).__name__}: {e}")
+    return out
+
+
+def write_benchmark(path: str, docs: list[dict]) -> None:
+    Path(path).write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- generated documents
+SYLLABLES = ["ka", "lo", "mir", "ten", "vos", "ral", "bek", "shi", "dun", "el", "gar", "po", "thes", "wyn", "ari", "cor"]
+NOUNS = ["lantern", "compass", "violin", "clock", "tapestry", "telescope", "anchor", "mirror", "kettle", "banner"]
+COLOURS = ["amber", "cobalt", "scarlet", "ivory", "jade", "violet", "copper", "silver"]
+ANIMALS = ["heron", "badger", "falcon", "otter", "lynx", "tortoise", "raven", "hare"]
+FILLER = [
+    "The road followed the river for a while and then climbed slowly into the hills.",
+    "Most days in the valley passed quietly, with work in the fields and talk in the evenings.",
+    "Travellers often remarked on the smell of woodsmoke and the sound of the mill wheel.",
+    "In winter the paths were covered with snow, and people stayed close to their stoves.",
+    "The market was busy on feast days, when farmers came down from the upper pastures.",
+    "Children played by the water while their parents mended nets and baskets.",
+    "Old letters describe the weather, the harvests and the prices of bread and salt.",
+    "Nobody could remember a year in which the swallows had not returned in spring.",
+]
+
+
+def invented_name(rng: random.Random, parts=2) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def fact(rng: random.Random) -> tuple[str, str, str]:
+    """One invented fact: (sentence, question, answer)."""
+    person, town = f"{invented_name(rng)} {invented_name(rng, 3)}", invented_name(rng, 3)
+    year, n, noun = rng.randint(1400, 1950), rng.randint(12, 9800), rng.choice(NOUNS)
+    kind = rng.randrange(4)
+    if kind == 0:
+        return (f"{person} was born in the town of {town} in {year}.", f"In which year was {person} born?", str(year))
+    if kind == 1:
+        return (f"The {noun} of {town} was made by {person}.", f"Who made the {noun} of {town}?", person)
+    if kind == 2:
+        return (f"The harbour of {town} held exactly {n} boats at its largest.",
+                f"How many boats did the harbour of {town} hold at its largest?", str(n))
+    return (f"{person} moved to {town} and opened a shop that sold only {noun}s.",
+            f"Where did {person} open a shop that sold only {noun}s?", town)
+
+
+def filler_sentence(rng: random.Random) -> str:
+    return rng.choice(FILLER)
+
+
+def generate_facts_document(tok, n_tokens: int, n_questions: int, seed: int, n_train: int = 0) -> dict:
+    """A document of ~n_tokens (by tok) of filler with n_questions + n_train invented facts spread
+    evenly through it; each question records where its evidence starts (fraction of tokens). The
+    n_train extra facts (every other one when n_train = n_questions) become "train_questions": QA
+    pairs one may train on (auxiliary tasks) without ever seeing a test question."""
+    rng = random.Random(seed)
+    n_all = n_questions + n_train
+    facts = [fact(rng) for _ in range(n_all)]
+    targets = [(k + 0.5) / n_all for k in range(n_all)]             # evenly spread depths
+    is_train = set(rng.sample(range(n_all), n_train))
+    sentences, questions, train, total, k = [], [], [], 0, 0
+    while total < n_tokens or k < n_all:
+        if k < n_all and total >= targets[k] * n_tokens:
+            s, q, a = facts[k]
+            (train if k in is_train else questions).append({"question": q, "answers": [a], "evidence_token": total})
+            k += 1
+        else:
+            s = filler_sentence(rng)
+        n = len(tok.encode(" " + s))
+        sentences.append(s)
+        total += n
+    for q in questions + train:
+        q["evidence_pos"] = q.pop("evidence_token") / total
+    return {"id": f"facts-{n_tokens}-{seed}", "document": " ".join(sentences), "questions": questions,
+            "train_questions": train}
+
+
+NEEDLE_QUESTION = "What is the secret number of the {colour} {animal}?"
+
+
+def generate_needle(tok, n_tokens: int, depth: float, seed: int) -> dict:
+    """Haystack of filler sentences of ~n_tokens; the needle sentence starts at `depth` (0..1) of it."""
+    rng = random.Random(seed)
+    colour, animal, number = rng.choice(COLOURS), rng.choice(ANIMALS), str(rng.randint(1000, 9999))
+    needle = f"The secret number of the {colour} {animal} is {number}."
+    sentences, total, placed, where = [], 0, False, 0
+    while total < n_tokens or not placed:
+        if not placed and total >= depth * n_tokens:
+            s, placed, where = needle, True, total
+        else:
+            s = filler_sentence(rng)
+        sentences.append(s)
+        total += len(tok.encode(" " + s))
+    return {"id": f"needle-{n_tokens}-{depth:.2f}-{seed}", "document": " ".join(sentences),
+            "questions": [{"question": NEEDLE_QUESTION.format(colour=colour, animal=animal), "answers": [number],
+                           "evidence_pos": where / total, "depth": depth}]}

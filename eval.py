@@ -1,0 +1,465 @@
+"""What LIFT buys over plain in-context reading, and what it costs (arXiv 2502.14644 §4).
+
+    python eval.py bench                               speed of the base model on this machine
+    python eval.py generate --kind facts --lengths 2000 4000 --out b.jsonl   a generated benchmark
+    python eval.py run --bench b.jsonl --out runs/x    answer every question in every mode, score, plot
+    python eval.py qa --doc D --qa Q.jsonl --out runs/y    the same for one document and its questions
+    python eval.py cost --lengths 1000 2000 4000 --out runs/cost    time and memory against input length
+    python eval.py gates --doc D --question Q --out runs/g    mean gate per layer and head, as a heatmap
+
+Modes, all on the same questions: closed (base model, no document), icl (base model, document
+truncated to the budget), lift (adapter, no document), lift+icl (adapter + truncated document;
+what the paper reports) and full (base model, whole document, when it fits the model's window).
+Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
+Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
+judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
+resumes where it stopped), summary.md, and PNG plots. Benchmark data and metrics: benchmarks.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import benchmarks as bm
+from data import DataConfig
+from train import TrainConfig, add_dataclass_args, autocast
+
+ADAPTER_NAMES = ("gated_memory", "lora")
+
+
+def adapter_config(name: str, lora_rank: int):
+    from gated_memory import GatedMemoryConfig
+    from lora import LoRAConfig
+    return GatedMemoryConfig() if name == "gated_memory" else LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
+
+
+# ----------------------------------------------------------------------------- bench
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an n×n×n matrix product in dtype, on this machine now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def bench(model_name: str | None, dtype: str, lengths: list[int], decode_tokens: int) -> None:
+    from checkpoint import load_model
+    from model import generate
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, tok = load_model(model_name, dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t
+    dev, c = torch.device("cpu"), model.cfg
+    rate_bf16, rate_fp32 = matmul_rate(torch.bfloat16), matmul_rate(torch.float32, reps=3)
+    peak = rate_bf16 if dtype == "bfloat16" else rate_fp32
+    print(f"machine: {os.cpu_count()} CPU threads, torch {torch.__version__}; matmul 2048^3: "
+          f"bf16 {rate_bf16 / 1e9:.0f} GFLOP/s, fp32 {rate_fp32 / 1e9:.0f} GFLOP/s")
+    print(f"model: {model.name}, weights {dtype}, loaded in {load_s:.1f}s")
+    # 2 FLOPs per weight per token (embedding lookup excluded, output head included), plus causal
+    # attention: 2·T·T·D·H per layer for QKᵀ and PV together (half of the full T×T).
+    per_token = 2 * sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    per_token += 2 * model.tok_embeddings.weight.numel()
+    print("| what | tokens/s | model FLOPs utilisation |\n|---|---:|---:|")
+    for T in lengths:
+        ids = torch.randint(100, c.vocab_size, (1, T))
+        with torch.no_grad(), autocast(dev, dtype):
+            model(ids[:, :64])                                               # warm-up
+            t = time.perf_counter()
+            model(ids)                                                       # all T logits, as in training
+            s = time.perf_counter() - t
+        flops = T * per_token + 2 * T * T * c.head_dim * c.n_heads * c.n_layers
+        print(f"| prefill {T} | {T / s:,.0f} | {100 * flops / s / peak:.0f}% of the {dtype} matmul rate |")
+    with autocast(dev, dtype):
+        t = time.perf_counter()
+        out = generate(model, torch.randint(100, c.vocab_size, (64,)).tolist(), decode_tokens)
+        s = time.perf_counter() - t
+    print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | |")
+
+
+# ----------------------------------------------------------------------------- run a benchmark
+def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
+    """Is evidence at fraction `pos` of the document inside the truncated (head + tail) view?"""
+    if pos is None:
+        return None
+    t = pos * n_tokens
+    return n_tokens <= context or t < context // 2 or t >= n_tokens - (context - context // 2)
+
+
+def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
+        train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int) -> list[dict]:
+    """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes."""
+    import lift
+    from checkpoint import load_model
+    from tqdm import tqdm
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / "records.jsonl"
+    records = [json.loads(l) for l in rec_path.open()] if rec_path.exists() else []
+    done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
+    model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
+    todo = [(d, a) for d in docs for a in (adapters if any(m not in lift.BASE_MODES for m in modes) else ["none"])]
+    for doc, adapter in tqdm(todo, desc="documents", disable=len(todo) < 2):
+        ids = tok.encode(doc["document"])
+        wanted = [(i, m) for i, _ in enumerate(doc["questions"]) for m in modes
+                  if (doc["id"], i, m, adapter if m not in lift.BASE_MODES else "none") not in done]
+        if not wanted:
+            continue
+        absorb_s = None
+        if any(m not in lift.BASE_MODES for _, m in wanted):
+            qa_file = None
+            if train_qa and doc.get("train_questions"):
+                qa_file = out / f"train_qa_{abs(hash(doc['id'])) % 10**8}.jsonl"
+                qa_file.write_text("".join(json.dumps({"question": q["question"], "answer": q["answers"][0]}) + "\n"
+                                           for q in doc["train_questions"]))
+            t = time.perf_counter()
+            lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, adapter_cfg=adapter_config(adapter, lora_rank),
+                        train_cfg=train_cfg, qa_path=str(qa_file) if qa_file else None)
+            absorb_s = time.perf_counter() - t
+        with rec_path.open("a") as f:
+            for i, mode in tqdm(wanted, desc=f"{doc['id']} {adapter}", leave=False):
+                q = doc["questions"][i]
+                if mode == "full" and (len(lift.answer_prompt(tok, q["question"], ids, mode, data_cfg.context))
+                                       + max_new_tokens > model.cfg.max_seq_len):
+                    continue        # the upper bound exists only where the whole document fits
+                t = time.perf_counter()
+                pred = lift.answer(model, tok, q["question"], ids, mode=mode, context=data_cfg.context,
+                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype)
+                r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in lift.BASE_MODES else "none",
+                     "question": q["question"], "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
+                     "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
+                     "in_budget": in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
+                     "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s}
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                records.append(r)
+                done.add((r["doc"], r["q"], r["mode"], r["adapter"]))
+    settings = {"data": asdict(data_cfg), "train": asdict(train_cfg), "model": model.name, "train_qa": train_qa}
+    write_summary(records, out, settings)
+    return records
+
+
+def label(r: dict) -> str:
+    return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
+
+
+def write_summary(records: list[dict], out: Path, settings: dict) -> str:
+    """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(label(r), []).append(r)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs) if rs else float("nan")
+    lines = [f"Settings: `{json.dumps(settings)}`", "",
+             "| mode (adapter) | n | contained | exact match | token F1 | contained, evidence outside budget | contained, evidence inside |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in groups.items():
+        outside = [r for r in rs if r.get("in_budget") is False]
+        inside = [r for r in rs if r.get("in_budget") is True]
+        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'contains'):.2f} | {mean(rs, 'em'):.2f} | {mean(rs, 'f1'):.2f} | "
+                     f"{mean(outside, 'contains'):.2f} ({len(outside)}) | {mean(inside, 'contains'):.2f} ({len(inside)}) |")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    plot_results(groups, out)
+    return text
+
+
+def plot_results(groups: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
+    ax.bar(range(len(names)), [sum(r["contains"] for r in groups[n]) / len(groups[n]) for n in names], color="#4a7ab5")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("answer contained")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "score_by_mode.png", dpi=110)
+    plt.close(fig)
+
+    bins = 5
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for n in names:
+        rs = [r for r in groups[n] if r.get("evidence_pos") is not None and r.get("depth") is None]
+        if not rs:
+            continue
+        xs, ys = [], []
+        for b in range(bins):
+            sel = [r for r in rs if b / bins <= r["evidence_pos"] < (b + 1) / bins]
+            if sel:
+                xs.append((b + 0.5) / bins)
+                ys.append(sum(r["contains"] for r in sel) / len(sel))
+        ax.plot(xs, ys, marker="o", label=n)
+    ax.set_xlabel("evidence position in the document (fraction)")
+    ax.set_ylabel("answer contained")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_by_position.png", dpi=110)
+    plt.close(fig)
+
+    needle = {n: [r for r in groups[n] if r.get("depth") is not None] for n in names}
+    needle = {n: rs for n, rs in needle.items() if rs}
+    if needle:
+        fig, axes = plt.subplots(1, len(needle), figsize=(3.2 * len(needle), 3), squeeze=False)
+        for ax, (n, rs) in zip(axes[0], needle.items()):
+            lengths, depths = sorted({r["doc_tokens"] for r in rs}), sorted({r["depth"] for r in rs})
+            grid = torch.full((len(depths), len(lengths)), float("nan"))
+            for r in rs:
+                grid[depths.index(r["depth"]), lengths.index(r["doc_tokens"])] = r["contains"]
+            ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_title(n, fontsize=8)
+            ax.set_xlabel("haystack tokens")
+        axes[0][0].set_ylabel("needle depth")
+        fig.tight_layout()
+        fig.savefig(out / "needle_grid.png", dpi=110)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- cost against length
+def cost_point(method: str, length: int, model_name, data_cfg: DataConfig, train_cfg: TrainConfig) -> dict:
+    """One measurement, meant to run in a fresh process so that its peak memory is its own."""
+    import gated_memory
+    import lift
+    from checkpoint import load_model
+    model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
+    doc = bm.generate_facts_document(tok, length, 1, seed=0)
+    ids = tok.encode(doc["document"])
+    q = doc["questions"][0]["question"]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if method == "icl":     # the whole input in context: prefill all of it, then answer
+        prompt = tok.encode_chat(lift.question_messages(q, doc["document"]))
+        from model import generate
+        with autocast(model.tok_embeddings.weight.device, train_cfg.dtype):
+            old = model.cfg.max_seq_len
+            model.cfg.max_seq_len = max(old, len(prompt) + 64)   # cost only: positions past the window still compute
+            generate(model, prompt, 16)
+            model.cfg.max_seq_len = old
+    else:
+        lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(),
+                    train_cfg=train_cfg, use_cache=False, progress=False)
+        lift.answer(model, tok, q, ids, mode="lift+icl", context=data_cfg.context, max_new_tokens=16, dtype=train_cfg.dtype)
+    seconds = time.perf_counter() - t
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "tokens": len(ids), "seconds": seconds, "peak_rss_mb": rss1 / 1024,
+            "extra_peak_mb": (rss1 - rss0) / 1024, "fits_window": len(ids) + 300 <= model.cfg.max_seq_len}
+
+
+def cost(lengths: list[int], out: Path, argv_common: list[str]) -> None:
+    import numpy as np
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in ("icl", "lift"):
+        for L in lengths:
+            cmd = [sys.executable, __file__, "cost-point", "--method", method, "--length", str(L), *argv_common]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"{method} at {L} tokens failed: {p.stderr.strip().splitlines()[-1:]}")
+                rows.append({"method": method, "tokens": L, "failed": True})
+                continue
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]))
+    (out / "cost.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ok = {m: [r for r in rows if r["method"] == m and not r.get("failed")] for m in ("icl", "lift")}
+    fits = {}
+    for m, rs in ok.items():
+        x, y = np.array([r["tokens"] for r in rs], float), np.array([r["seconds"] for r in rs])
+        fits[m] = {"linear": np.polyfit(x, y, 1).tolist(), "quadratic": np.polyfit(x, y, 2).tolist() if len(x) > 2 else None}
+    # crossover: where the quadratic ICL fit passes the linear LIFT fit
+    a, b, c = np.array(fits["icl"]["quadratic"]) - np.array([0, *fits["lift"]["linear"]])
+    roots = sorted(r.real for r in np.roots([a, b, c]) if abs(r.imag) < 1e-9 and r.real > 0)
+    cross = roots[-1] if roots else None
+    measured_max = max(r["tokens"] for r in rows)
+    where = ("none found" if cross is None else
+             f"{cross:,.0f} tokens ({'measured range' if cross <= measured_max else 'extrapolated beyond the measured range'})")
+    lines = [f"| tokens | ICL seconds | ICL extra peak MB | LIFT seconds | LIFT extra peak MB |", "|---:|---:|---:|---:|---:|"]
+    for L in lengths:
+        i = next((r for r in ok["icl"] if abs(r["tokens"] - L) < 0.2 * L), None)
+        l = next((r for r in ok["lift"] if abs(r["tokens"] - L) < 0.2 * L), None)
+        fmt = lambda r, k: f"{r[k]:.1f}" if r else "failed"
+        lines.append(f"| {i['tokens'] if i else L} {'' if (i and i['fits_window']) else '(past window)'} | {fmt(i, 'seconds')} | "
+                     f"{fmt(i, 'extra_peak_mb')} | {fmt(l, 'seconds')} | {fmt(l, 'extra_peak_mb')} |")
+    fq, fl = fits["icl"]["quadratic"], fits["lift"]["linear"]
+    lines += ["", f"ICL fit: t = {fq[0]:.3g}·L² + {fq[1]:.3g}·L + {fq[2]:.3g} s; LIFT fit: t = {fl[0]:.3g}·L + {fl[1]:.3g} s",
+              f"crossover (LIFT faster than ICL beyond): {where}"]
+    text = "\n".join(lines) + "\n"
+    (out / "cost.md").write_text(text)
+    print(text)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    xs = np.linspace(0, max(measured_max, (cross or 0) * 1.1), 200)
+    for m, color in (("icl", "#c0504d"), ("lift", "#4a7ab5")):
+        ax.scatter([r["tokens"] for r in ok[m]], [r["seconds"] for r in ok[m]], color=color, label=f"{m} measured")
+        coef = fits[m]["quadratic"] if m == "icl" else fits[m]["linear"]
+        ax.plot(xs, np.polyval(coef, xs), color=color, alpha=0.6, label=f"{m} fit ({'quadratic' if m == 'icl' else 'linear'})")
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("seconds (input + one answer)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- gates
+def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg) -> None:
+    """Mean gate g per layer and head, for a question about the document and an unrelated one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import gated_memory
+    import lift
+    from checkpoint import load_model
+    model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
+    text = lift.read_document(doc_path)
+    lift.absorb(model, tok, text, data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)
+    maps = {}
+    for name, q in (("about the document", question), ("unrelated", unrelated)):
+        prompt = lift.answer_prompt(tok, q, [], "lift", data_cfg.context)
+        for a in gated_memory.adapters(model):
+            a.record_gates = True
+        with torch.no_grad(), autocast(model.tok_embeddings.weight.device, train_cfg.dtype):
+            model(torch.tensor([prompt]))
+        maps[name] = torch.stack([a.last_gates for a in gated_memory.adapters(model)])   # (layers, H)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    diff = maps["about the document"] - maps["unrelated"]
+    for ax, (title, m) in zip(axes, [*maps.items(), ("difference", diff)]):
+        im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis" if title != "difference" else "coolwarm",
+                       vmin=None if title != "difference" else -diff.abs().max().item(),
+                       vmax=None if title != "difference" else diff.abs().max().item())
+        ax.set_title(f"{title}\nmean g = {m.mean():.3f}", fontsize=9)
+        ax.set_xlabel("head")
+        fig.colorbar(im, ax=ax)
+    axes[0].set_ylabel("layer")
+    fig.tight_layout()
+    fig.savefig(out / "gates.png", dpi=110)
+    summary = {k: round(v.mean().item(), 4) for k, v in maps.items()}
+    (out / "gates.json").write_text(json.dumps({"question": question, "unrelated": unrelated, "mean_gate": summary,
+                                                "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}))
+    print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(s, train=True):
+        s.add_argument("--model", default=None, help="model (default: built-in SmolLM2-135M-Instruct)")
+        add_dataclass_args(s, DataConfig, {"window": "window ℓ", "stride": "stride s (0 = 3ℓ/8)",
+                                           "context": "context budget (document tokens in the prompt)",
+                                           "contextualized": "contextualized training (CT)",
+                                           "qa_start_epoch": "epochs before QA pairs join"})
+        add_dataclass_args(s, TrainConfig, {"epochs": "epochs", "lr": "learning rate", "step_every": "example or epoch",
+                                            "dtype": "bfloat16 or float32", "seed": "seed"})
+
+    b = sub.add_parser("bench", help="load time, prefill and decode speed, matmul rates of this machine")
+    b.add_argument("--model", default=None)
+    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    b.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="prefill lengths")
+    b.add_argument("--decode-tokens", type=int, default=64)
+
+    g = sub.add_parser("generate", help="write a generated benchmark (invented facts, or needles)")
+    g.add_argument("--kind", choices=["facts", "needle"], default="facts")
+    g.add_argument("--lengths", type=int, nargs="+", default=[3000], help="document lengths in tokens")
+    g.add_argument("--questions", type=int, default=10, help="facts: questions per document")
+    g.add_argument("--train-questions", type=int, default=0, help="facts: extra facts given as training QA (AT)")
+    g.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", default=None, help="whose tokenizer measures the length")
+    g.add_argument("--out", required=True)
+
+    for name, helptext in (("run", "answer a benchmark file in several modes and score it"),
+                           ("qa", "the same for one document and a JSONL of its questions")):
+        r = sub.add_parser(name, help=helptext)
+        if name == "run":
+            r.add_argument("--bench", required=True, help="benchmark JSONL (ours or LongBench's)")
+        else:
+            r.add_argument("--doc", required=True)
+            r.add_argument("--qa", required=True, help="questions: JSONL with question and answer")
+            r.add_argument("--train-qa-file", default=None, help="QA pairs to train on (AT), JSONL; implies --train-qa")
+        r.add_argument("--modes", nargs="+", default=["icl", "lift", "lift+icl"], help="closed icl lift lift+icl full")
+        r.add_argument("--adapters", nargs="+", default=["gated_memory"], choices=ADAPTER_NAMES)
+        r.add_argument("--lora-rank", type=int, default=16)
+        r.add_argument("--train-qa", action="store_true", help="train on the documents' train_questions (AT)")
+        r.add_argument("--max-new-tokens", type=int, default=48)
+        r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
+        common(r)
+
+    c = sub.add_parser("cost", help="time and peak memory of ICL and LIFT against input length")
+    c.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000, 8000])
+    c.add_argument("--out", required=True)
+    common(c)
+    cp = sub.add_parser("cost-point", help=argparse.SUPPRESS)
+    cp.add_argument("--method", choices=["icl", "lift"], required=True)
+    cp.add_argument("--length", type=int, required=True)
+    common(cp)
+
+    gt = sub.add_parser("gates", help="heatmap of the mean gate per layer and head for two questions")
+    gt.add_argument("--doc", required=True)
+    gt.add_argument("--question", required=True, help="a question about the document")
+    gt.add_argument("--unrelated", default="What is the capital of France?")
+    gt.add_argument("--out", required=True)
+    common(gt)
+
+    args = p.parse_args(argv)
+    pick = lambda cls: cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__ if hasattr(args, f)})
+    if args.cmd == "bench":
+        bench(args.model, args.dtype, args.lengths, args.decode_tokens)
+    elif args.cmd == "generate":
+        from checkpoint import load_model
+        _, tok = load_model(args.model)
+        if args.kind == "facts":
+            docs = [bm.generate_facts_document(tok, L, args.questions, args.seed + k, args.train_questions)
+                    for k, L in enumerate(args.lengths)]
+        else:
+            docs = [bm.generate_needle(tok, L, d, args.seed + k) for k, L in enumerate(args.lengths) for d in args.depths]
+        bm.write_benchmark(args.out, docs)
+        print(f"wrote {len(docs)} documents to {args.out}")
+    elif args.cmd in ("run", "qa"):
+        if args.cmd == "run":
+            docs = bm.read_benchmark(args.bench)
+        else:
+            import lift
+            qs = [{"question": q["question"], "answers": q["answers"], "evidence_pos": q.get("evidence_pos")}
+                  for q in bm.read_questions(args.qa)]
+            docs = [{"id": Path(args.doc).stem, "document": lift.read_document(args.doc), "questions": qs}]
+            if args.train_qa_file:
+                docs[0]["train_questions"] = bm.read_questions(args.train_qa_file)
+                args.train_qa = True
+        run(docs, Path(args.out), args.modes, args.adapters, args.model, pick(DataConfig), pick(TrainConfig),
+            args.max_new_tokens, args.train_qa, args.lora_rank)
+    elif args.cmd == "cost":
+        # the child processes get the same settings, spelled out as flags
+        flags = [] if args.model is None else ["--model", args.model]
+        for cfg in (pick(DataConfig), pick(TrainConfig)):
+            for k, v in asdict(cfg).items():
+                if isinstance(v, bool):
+                    flags.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+                elif hasattr(args, k):
+                    flags += [f"--{k.replace('_', '-')}", str(v)]
+        cost(args.lengths, Path(args.out), flags)
+    elif args.cmd == "cost-point":
+        print(json.dumps(cost_point(args.method, args.length, args.model, pick(DataConfig), pick(TrainConfig))))
+    elif args.cmd == "gates":
+        gates(args.doc, args.question, args.unrelated, Path(args.out), args.model, pick(DataConfig), pick(TrainConfig))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""eval.py and benchmarks.py: metrics, generators that put evidence where they say, file readers,
+and a tiny end-to-end run that writes records, a table and plots, and resumes."""
+import json
+
+import pytest
+
+import benchmarks as bm
+from conftest import build_tokenizer
+from checkpoint import Tokenizer
+
+
+def test_metrics_on_hand_made_cases():
+    assert bm.normalize("The  Ember-Queen!") == "emberqueen"
+    assert bm.exact_match("the Silver Heron.", ["Silver Heron"]) == 1.0
+    assert bm.exact_match("Silver Heron train", ["Silver Heron"]) == 0.0
+    assert bm.contains("It was the Silver Heron, I think", ["Golden Owl", "silver heron"]) == 1.0
+    assert bm.contains("Silver Herons", ["Silver Heron"]) == 0.0          # word boundaries
+    assert bm.token_f1("Jonas Halvard the miller", ["Jonas Halvard"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert bm.token_f1("", ["x"]) == 0.0 and bm.exact_match("", [""]) == 1.0
+    assert bm.contains("", ["x"]) == 0.0 and bm.contains("anything", [""]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(build_tokenizer(), None, "", "", [2])
+
+
+def test_facts_generator_is_deterministic_and_puts_evidence_where_it_says(tok):
+    a = bm.generate_facts_document(tok, 1500, 6, seed=3, n_train=4)
+    assert a == bm.generate_facts_document(tok, 1500, 6, seed=3, n_train=4)
+    assert a != bm.generate_facts_document(tok, 1500, 6, seed=4, n_train=4)
+    assert len(a["questions"]) == 6 and len(a["train_questions"]) == 4
+    n = len(tok.encode(a["document"]))
+    assert 1500 <= n < 1700
+    positions = [q["evidence_pos"] for q in a["questions"] + a["train_questions"]]
+    for q in a["questions"] + a["train_questions"]:
+        answer = q["answers"][0]
+        before = a["document"][: a["document"].index(answer)]
+        # the sentence holding the answer starts at the recorded token position (± one sentence)
+        assert abs(len(tok.encode(before)) / n - q["evidence_pos"]) < 0.05
+    assert sorted(positions) == pytest.approx([(k + 0.5) / 10 for k in range(10)], abs=0.05)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9])
+def test_needle_sits_at_the_requested_depth(tok, depth):
+    d = bm.generate_needle(tok, 1200, depth, seed=1)
+    assert d == bm.generate_needle(tok, 1200, depth, seed=1)
+    q = d["questions"][0]
+    needle_at = d["document"].index("The secret number")
+    n = len(tok.encode(d["document"]))
+    assert abs(len(tok.encode(d["document"][:needle_at])) / n - depth) < 0.05
+    assert q["answers"][0] in d["document"][needle_at:needle_at + 80]
+
+
+def test_readers_for_our_format_and_longbench(tmp_path, capsys):
+    (tmp_path / "doc.txt").write_text("A long text.")
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text("\n".join([
+        json.dumps({"id": "a", "document": "Doc A.", "questions": [{"question": "q1", "answers": ["x"], "evidence_pos": 0.5}]}),
+        "{oops",
+        json.dumps({"id": "b", "document_path": "doc.txt", "questions": [{"question": "q2", "answers": ["y", "z"]}]}),
+        json.dumps({"id": "c", "document": "Doc C.", "questions": []}),
+    ]) + "\n")
+    docs = bm.read_benchmark(str(ours))
+    assert [d["id"] for d in docs] == ["a", "b"] and docs[1]["document"] == "A long text."
+    assert docs[1]["questions"][0]["answers"] == ["y", "z"]
+    err = capsys.readouterr().err
+    assert "line 2" in err and "line 4" in err
+    lb = tmp_path / "lb.jsonl"
+    lb.write_text("\n".join([
+        json.dumps({"context": "Ctx one.", "input": "Q one?", "answers": ["A1"], "_id": "p"}),
+        json.dumps({"context": "Ctx one.", "input": "Q two?", "answers": ["A2", "A2b"]}),
+        json.dumps({"context": "Ctx two.", "input": "Q three?", "answers": []}),
+    ]) + "\n")
+    docs = bm.read_benchmark(str(lb))
+    assert len(docs) == 1 and [q["question"] for q in docs[0]["questions"]] == ["Q one?", "Q two?"]
+    assert "line 3" in capsys.readouterr().err
+
+
+def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tmp_path):
+    import eval as ev
+    from checkpoint import load_model
+    from data import DataConfig
+    from train import TrainConfig
+    _, tok = load_model(str(tiny_dir))
+    docs = [bm.generate_facts_document(tok, 300, 2, seed=0, n_train=1)]
+    out = tmp_path / "run"
+    args = dict(modes=["closed", "icl", "lift", "lift+icl", "full"], adapters=["gated_memory", "lora"],
+                model_name=str(tiny_dir), data_cfg=DataConfig(window=64, context=64), max_new_tokens=4,
+                train_cfg=TrainConfig(epochs=1, dtype="float32"), train_qa=True, lora_rank=2)
+    records = ev.run(docs, out, **args)
+    # 2 questions × (3 base modes + 2 lift modes × 2 adapters)
+    assert len(records) == 2 * (3 + 2 * 2)
+    assert {r["adapter"] for r in records} == {"none", "gated_memory", "lora"}
+    assert all({"em", "f1", "contains", "evidence_pos", "in_budget", "prediction"} <= set(r) for r in records)
+    assert (out / "summary.md").read_text().count("\n|") >= 7
+    assert (out / "score_by_mode.png").stat().st_size > 1000 and (out / "score_by_position.png").exists()
+    lines = (out / "records.jsonl").read_text().splitlines()
+    again = ev.run(docs, out, **args)                     # resumed: nothing recomputed
+    assert (out / "records.jsonl").read_text().splitlines() == lines and len(again) == len(records)
+    (out / "records.jsonl").write_text("\n".join(lines[:-3]) + "\n")   # an interrupted run
+    ev.run(docs, out, **args)
+    assert len((out / "records.jsonl").read_text().splitlines()) == len(lines)
