@@ -32,9 +32,9 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    window: int = 512             # ℓ, tokens per training window (the paper: 2048)
+    window: int = 256             # ℓ, tokens per training window (the paper: 2048; small for a CPU)
     stride: int = 0               # s; 0 means 3ℓ/8, as in the paper (overlap 5ℓ/8)
-    context: int = 1024           # ICL budget: document tokens kept in context (head half + tail half)
+    context: int = 512            # ICL budget: document tokens kept in context (head half + tail half; the paper: 7800)
     contextualized: bool = False  # precede each window by head/tail spans and a recite instruction
     qa_start_epoch: int = 3       # epochs on windows only before QA joins the mix (released: 3)
 

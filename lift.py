@@ -96,12 +96,12 @@ class AbsorbResult:
 
 
 def cache_key(doc_ids: list[int], base_fp: str, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig,
-              qa: list[dict], synth_qa: int) -> str:
+              qa: list[dict], synth_qa: int, init_hash: Optional[str] = None) -> str:
     """Everything that changes the trained adapter, hashed."""
     blob = json.dumps({"doc": hashlib.sha256(json.dumps(doc_ids).encode()).hexdigest(), "base": base_fp,
                        "data": asdict(data_cfg), "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)],
                        "train": asdict(train_cfg),
-                       "qa": qa, "synth_qa": synth_qa}, sort_keys=True)
+                       "qa": qa, "synth_qa": synth_qa, "init": init_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -114,10 +114,12 @@ def check_fits(model, data_cfg: DataConfig):
 
 
 def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig, qa_path: Optional[str] = None, synth_qa: int = 0,
-           adapter_path: Optional[str] = None, use_cache: bool = True, progress: bool = True) -> AbsorbResult:
+           adapter_path: Optional[str] = None, use_cache: bool = True, progress: bool = True,
+           init_path: Optional[str] = None) -> AbsorbResult:
     """Leave `model` with an adapter holding `text`: loaded from adapter_path or the cache when
     possible, otherwise trained from a fresh initialisation and then saved. adapter_cfg is a
-    GatedMemoryConfig (the paper's adapter) or a LoRAConfig (the baseline)."""
+    GatedMemoryConfig (the paper's adapter) or a LoRAConfig (the baseline). init_path: start from a
+    pre-LIFT SFT initialisation (sft.py) instead of a fresh random adapter."""
     kind = ADAPTERS[type(adapter_cfg)]
     check_fits(model, data_cfg)
     doc = tok.encode(text)
@@ -129,7 +131,8 @@ def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cf
         return AbsorbResult(adapter_path, False, extra.get("stats", {}), extra.get("qa", []))
     qa = read_qa_jsonl(qa_path) if qa_path else []
     base_fp = fingerprint(model)
-    key = cache_key(doc, base_fp, data_cfg, adapter_cfg, train_cfg, qa, synth_qa)
+    init_hash = hashlib.sha256(Path(init_path).read_bytes()).hexdigest() if init_path else None
+    key = cache_key(doc, base_fp, data_cfg, adapter_cfg, train_cfg, qa, synth_qa, init_hash)
     cached = cache_dir() / f"{key}.safetensors"
     if use_cache and cached.exists():
         extra = load_adapter(model, str(cached))
@@ -141,7 +144,11 @@ def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cf
     if synth_qa:
         qa = qa + synthesize_qa(model, tok, text, synth_qa, seed=train_cfg.seed, dtype=train_cfg.dtype, progress=progress)
     plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
-    kind.attach(model, adapter_cfg, seed=train_cfg.seed)
+    if init_path:
+        from sft import load_init
+        load_init(model, init_path, adapter_cfg)
+    else:
+        kind.attach(model, adapter_cfg, seed=train_cfg.seed)
     stats = train_adapter(model, plan, train_cfg, progress=progress)
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = {"stats": stats, "qa": qa, "doc_tokens": len(doc)}
@@ -172,7 +179,7 @@ def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -
     return tok.encode_chat(question_messages(question, context_text))
 
 
-def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 1024,
+def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 512,
            max_new_tokens: int = 64, dtype: str = "bfloat16",
            stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter

@@ -15,9 +15,11 @@ the --dtype given (bf16 by default), which on a CPU is also the fast path.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", default=None, help="auxiliary QA pairs: JSONL with {\"question\", \"answer\"} per line")
     p.add_argument("--synth-qa", type=int, default=0, help="let the model write N QA pairs from the document (checked against it)")
     p.add_argument("--adapter", default=None, help="adapter file: loaded if it exists, else trained and saved there")
+    p.add_argument("--init", default=None, help="start LIFT from this initialisation (made by `train.py sft`) instead of a random one")
     p.add_argument("--no-cache", action="store_true", help="always train; do not read or write the adapter cache")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
@@ -163,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataConfig, train_cfg: TrainConfig,
          qa: str | None, synth_qa: int, adapter: str | None, no_cache: bool, device: str,
-         max_new_tokens: int, quiet: bool) -> int:
+         max_new_tokens: int, quiet: bool, init: str | None = None) -> int:
     import lift
     from checkpoint import load_model
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -178,8 +181,9 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     if mode != "icl":
         result = lift.absorb(base, tok, text, data_cfg=data_cfg, adapter_cfg=GatedMemoryConfig(), train_cfg=train_cfg,
                              qa_path=qa, synth_qa=synth_qa, adapter_path=adapter, use_cache=not no_cache,
-                             progress=not quiet)
-        print(result.summary(), file=sys.stderr)
+                             progress=not quiet, init_path=init)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+        print(f"{result.summary()}; peak memory (RSS) {peak_gb:.2f} GB", file=sys.stderr)
 
     def respond(q: str):
         print(f"Q: {q}\nA: ", end="", flush=True)
@@ -202,16 +206,47 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     return 0
 
 
-def cli(argv=None) -> int:
-    args = parser().parse_args(argv)
+def sft_cli(argv) -> int:
+    """`python train.py sft ...`: pre-LIFT SFT of the adapter's initialisation (sft.py)."""
+    from checkpoint import load_model
+    from sft import SFTConfig, run_sft
+    p = argparse.ArgumentParser(prog="train.py sft", description="Pre-LIFT SFT: train a Gated Memory initialisation "
+                                "over many documents (window loss + γ·answer loss); resumable.")
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt, heldout.jsonl and init.safetensors")
+    p.add_argument("--corpus", default=None, help="folder of benchmark JSONL files (default: generate documents)")
+    p.add_argument("--model", default=None, help="base model (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--quiet", action="store_true")
+    add_dataclass_args(p, SFTConfig, {"docs": "training documents to generate", "heldout": "held-out documents",
+                                      "doc_tokens": "tokens per generated document", "questions": "QA pairs per document",
+                                      "gamma": "γ, weight of the answer loss", "docs_per_step": "documents per optimizer step",
+                                      "epochs": "passes over the corpus", "seed": "corpus and order seed"})
+    add_dataclass_args(p, DataConfig, {"window": "window ℓ", "stride": "stride s (0 = 3ℓ/8)", "context": "context budget in QA prompts"})
+    add_dataclass_args(p, TrainConfig, {"lr": "learning rate", "dtype": "bfloat16 or float32"}, skip=("seed", "epochs"))
+    args = p.parse_args(argv)
     pick = lambda cls: cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    stats = run_sft(model, tok, Path(args.out), pick(SFTConfig), pick(DataConfig), pick(TrainConfig),
+                    corpus_dir=args.corpus, max_steps=args.max_steps, progress=not args.quiet)
+    print(f"SFT: {stats['documents']} documents, {stats['steps']} steps, {stats['seconds']:.0f}s; "
+          f"output in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cli(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     from data import DataError
     from lift import LiftError
     from model import ConfigError
     try:
+        if argv[:1] == ["sft"]:
+            return sft_cli(argv[1:])
+        args = parser().parse_args(argv)
+        pick = lambda cls: cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
         return main(doc=args.doc, ask=args.ask, model=args.model, mode=args.mode, data_cfg=pick(DataConfig),
                     train_cfg=pick(TrainConfig), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
-                    no_cache=args.no_cache, device=args.device, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
+                    no_cache=args.no_cache, device=args.device, max_new_tokens=args.max_new_tokens, quiet=args.quiet,
+                    init=args.init)
     except (ConfigError, DataError, LiftError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
