@@ -97,8 +97,9 @@ def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
 
 
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
-        train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int) -> list[dict]:
-    """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes."""
+        train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None) -> list[dict]:
+    """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
+    init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft"."""
     import lift
     from checkpoint import load_model
     from tqdm import tqdm
@@ -108,7 +109,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
     todo = [(d, a) for d in docs for a in (adapters if any(m not in lift.BASE_MODES for m in modes) else ["none"])]
-    for doc, adapter in tqdm(todo, desc="documents", disable=len(todo) < 2):
+    for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
+        adapter = adapter_kind + ("+sft" if init and adapter_kind == "gated_memory" else "")
         ids = tok.encode(doc["document"])
         wanted = [(i, m) for i, _ in enumerate(doc["questions"]) for m in modes
                   if (doc["id"], i, m, adapter if m not in lift.BASE_MODES else "none") not in done]
@@ -122,8 +124,9 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 qa_file.write_text("".join(json.dumps({"question": q["question"], "answer": q["answers"][0]}) + "\n"
                                            for q in doc["train_questions"]))
             t = time.perf_counter()
-            lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, adapter_cfg=adapter_config(adapter, lora_rank),
-                        train_cfg=train_cfg, qa_path=str(qa_file) if qa_file else None)
+            lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, adapter_cfg=adapter_config(adapter_kind, lora_rank),
+                        train_cfg=train_cfg, qa_path=str(qa_file) if qa_file else None,
+                        init_path=init if adapter_kind == "gated_memory" else None)
             absorb_s = time.perf_counter() - t
         with rec_path.open("a") as f:
             for i, mode in tqdm(wanted, desc=f"{doc['id']} {adapter}", leave=False):
@@ -143,7 +146,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 f.flush()
                 records.append(r)
                 done.add((r["doc"], r["q"], r["mode"], r["adapter"]))
-    settings = {"data": asdict(data_cfg), "train": asdict(train_cfg), "model": model.name, "train_qa": train_qa}
+    settings = {"data": asdict(data_cfg), "train": asdict(train_cfg), "model": model.name, "train_qa": train_qa,
+                "init": init}
     write_summary(records, out, settings)
     return records
 
@@ -396,6 +400,7 @@ def main(argv=None) -> int:
         r.add_argument("--modes", nargs="+", default=["icl", "lift", "lift+icl"], help="closed icl lift lift+icl full")
         r.add_argument("--adapters", nargs="+", default=["gated_memory"], choices=ADAPTER_NAMES)
         r.add_argument("--lora-rank", type=int, default=16)
+        r.add_argument("--init", default=None, help="start Gated Memory from this SFT initialisation (train.py sft)")
         r.add_argument("--train-qa", action="store_true", help="train on the documents' train_questions (AT)")
         r.add_argument("--max-new-tokens", type=int, default=48)
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
@@ -443,7 +448,7 @@ def main(argv=None) -> int:
                 docs[0]["train_questions"] = bm.read_questions(args.train_qa_file)
                 args.train_qa = True
         run(docs, Path(args.out), args.modes, args.adapters, args.model, pick(DataConfig), pick(TrainConfig),
-            args.max_new_tokens, args.train_qa, args.lora_rank)
+            args.max_new_tokens, args.train_qa, args.lora_rank, args.init)
     elif args.cmd == "cost":
         # the child processes get the same settings, spelled out as flags
         flags = [] if args.model is None else ["--model", args.model]

@@ -80,3 +80,19 @@ def test_init_loads_exactly_and_refuses_a_mismatch(tiny_dir, tmp_path):
     other = load_model(str(save_hf_dir(tiny_model(seed=5), tmp_path / "other")))[0]
     with pytest.raises(ConfigError, match="another base model"):
         sft.load_init(other, path, gm.GatedMemoryConfig())
+
+
+def test_eval_compares_default_and_sft_initialisation(tiny_dir, tmp_path):
+    import benchmarks as bm
+    import eval as ev
+    model, tok = load_model(str(tiny_dir))
+    sft.run_sft(model, tok, tmp_path / "s", SMALL, DATA, TRAIN, progress=False)
+    docs = bm.read_benchmark(str(tmp_path / "s" / "heldout.jsonl"))
+    common = dict(modes=["icl", "lift+icl"], adapters=["gated_memory"], model_name=str(tiny_dir), data_cfg=DATA,
+                  train_cfg=TrainConfig(epochs=1, dtype="float32"), max_new_tokens=3, train_qa=False, lora_rank=2)
+    ev.run(docs, tmp_path / "cmp", **common)
+    records = ev.run(docs, tmp_path / "cmp", **common, init=str(tmp_path / "s" / "init.safetensors"))
+    n_q = sum(len(d["questions"]) for d in docs)
+    assert sorted({r["adapter"] for r in records}) == ["gated_memory", "gated_memory+sft", "none"]
+    assert len(records) == 3 * n_q                    # icl once, lift+icl per initialisation
+    assert "gated_memory+sft" in (tmp_path / "cmp" / "summary.md").read_text()
