@@ -278,6 +278,8 @@ def cost(lengths: list[int], out: Path, argv_common: list[str]) -> None:
             print(json.dumps(rows[-1]))
     (out / "cost.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ok = {m: [r for r in rows if r["method"] == m and not r.get("failed")] for m in ("icl", "lift")}
+    if min(len(v) for v in ok.values()) < 3:
+        raise SystemExit("cost: fewer than three successful measurements per method; nothing to fit")
     fits = {}
     for m, rs in ok.items():
         x, y = np.array([r["tokens"] for r in rs], float), np.array([r["seconds"] for r in rs])
@@ -333,12 +335,16 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
     lift.absorb(model, tok, text, data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)
     maps = {}
     for name, q in (("about the document", question), ("unrelated", unrelated)):
-        prompt = lift.answer_prompt(tok, q, [], "lift", data_cfg.context)
+        # The LIFT-mode prompt (no document); gates are averaged over the question's own tokens,
+        # not over the chat template around it, which is the same for both questions.
+        text = tok.render_chat(lift.question_messages(q, None))
+        start = text.index(q)
+        first, last = len(tok.encode(text[:start])), len(tok.encode(text[:start + len(q)]))
         for a in gated_memory.adapters(model):
             a.record_gates = True
         with torch.no_grad(), autocast(model.tok_embeddings.weight.device, train_cfg.dtype):
-            model(torch.tensor([prompt]))
-        maps[name] = torch.stack([a.last_gates for a in gated_memory.adapters(model)])   # (layers, H)
+            model(torch.tensor([tok.encode(text)]))
+        maps[name] = torch.stack([a.last_gates[first:last].mean(0) for a in gated_memory.adapters(model)])  # (layers, H)
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     diff = maps["about the document"] - maps["unrelated"]
@@ -454,9 +460,11 @@ def main(argv=None) -> int:
         flags = [] if args.model is None else ["--model", args.model]
         for cfg in (pick(DataConfig), pick(TrainConfig)):
             for k, v in asdict(cfg).items():
+                if not hasattr(args, k):
+                    continue                          # a field this command has no flag for
                 if isinstance(v, bool):
                     flags.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
-                elif hasattr(args, k):
+                else:
                     flags += [f"--{k.replace('_', '-')}", str(v)]
         cost(args.lengths, Path(args.out), flags)
     elif args.cmd == "cost-point":

@@ -65,7 +65,7 @@ class GatedMemory(nn.Module):
         # Diagnostics, not training state: force g to a constant, or record the mean g per head.
         self.force_gate: Optional[float] = None
         self.record_gates = False
-        self.last_gates: Optional[torch.Tensor] = None       # (H,) mean over batch and positions
+        self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
 
     def gate(self, q: torch.Tensor) -> torch.Tensor:
         """g(q) in (0, 1). q: (B, T, H, D) -> (B, T, H, 1)."""
@@ -83,7 +83,7 @@ class GatedMemory(nn.Module):
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), (B, T, H, D)."""
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
         if self.record_gates:
-            self.last_gates = g.detach().float().mean(dim=(0, 1, 3)).cpu()  # (H,)
+            self.last_gates = g[0, :, :, 0].detach().float().cpu()            # (T, H)
         if self.force_gate == 0.0:   # exactly the base model: skip m (and its rounding) altogether
             return attn
         out = (1 - g) * attn.float() + g * self.memory(q).float()

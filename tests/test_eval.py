@@ -101,3 +101,27 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     (out / "records.jsonl").write_text("\n".join(lines[:-3]) + "\n")   # an interrupted run
     ev.run(docs, out, **args)
     assert len((out / "records.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_cost_sweep_measures_both_methods_fits_and_plots(tiny_dir, tmp_path):
+    import eval as ev
+    out = tmp_path / "cost"
+    ev.main(["cost", "--lengths", "100", "150", "200", "--model", str(tiny_dir), "--window", "32", "--context", "32",
+             "--epochs", "1", "--dtype", "float32", "--out", str(out)])
+    rows = [json.loads(l) for l in (out / "cost.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == ["icl"] * 3 + ["lift"] * 3
+    assert all(not r.get("failed") and r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    text = (out / "cost.md").read_text()
+    assert "ICL fit" in text and "crossover" in text and (out / "cost.png").stat().st_size > 1000
+
+
+def test_gate_heatmap_for_two_questions(tiny_dir, tmp_path):
+    import eval as ev
+    doc = tmp_path / "d.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    ev.main(["gates", "--doc", str(doc), "--question", "What jumps?", "--model", str(tiny_dir), "--window", "32",
+             "--context", "32", "--epochs", "1", "--dtype", "float32", "--out", str(tmp_path / "g")])
+    g = json.loads((tmp_path / "g" / "gates.json").read_text())
+    assert set(g["mean_gate"]) == {"about the document", "unrelated"}
+    assert all(0 < v < 1 for v in g["mean_gate"].values()) and len(g["per_layer"]["unrelated"]) == 2
+    assert (tmp_path / "g" / "gates.png").stat().st_size > 1000

@@ -142,3 +142,21 @@ def test_default_model_end_to_end_with_tiny_settings(tmp_path):
     assert "tokens/s" in first.stderr and len(first.stdout.split("A: ", 1)[1].strip()) > 0
     second = cli(*args, cache=tmp_path / "c")
     assert second.returncode == 0 and "no training" in second.stderr
+
+
+def test_synthetic_qa_keeps_only_triples_whose_evidence_is_in_the_passage(tiny_dir, monkeypatch):
+    import lift
+    model, tok = load_model(str(tiny_dir))
+    replies = iter(["Question: What jumps? Answer: the fox Evidence: The quick brown fox jumps over the lazy dog.",
+                    "Question: Who lent? Answer: a banker Evidence: A sentence that is not in the text.",
+                    "no format at all"] + ["Evidence missing"] * 10)
+    calls = []
+
+    def fake_generate(model, prompt, n, **kw):
+        calls.append(kw["seed"])
+        return tok.encode(next(replies))
+    monkeypatch.setattr(lift, "generate", fake_generate)
+    kept = lift.synthesize_qa(model, tok, TEXT, 2, seed=0, retries=3)
+    assert kept == [{"question": "What jumps?", "answer": "the fox",
+                     "evidence": "The quick brown fox jumps over the lazy dog."}]
+    assert len(calls) == 1 + 3 and len(set(calls)) == len(calls)     # bounded retries, fresh seed each
