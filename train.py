@@ -47,6 +47,15 @@ class TrainConfig:
     grad_checkpoint: bool = False # recompute each block in backward: less memory, ~1/3 more compute
     seed: int = 0
 
+    def __post_init__(self):
+        from model import ConfigError
+        if self.step_every not in ("example", "epoch"):
+            raise ConfigError(f"step_every must be 'example' or 'epoch', not {self.step_every!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.epochs < 1:
+            raise ConfigError("epochs must be at least 1")
+
 
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast on CPU or CUDA from a dtype string; a no-op context for float32."""
@@ -111,7 +120,8 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
         elapsed = time.time() - t0
         msg = (f"epoch {epoch + 1}/{len(plan)}  loss {epoch_losses[-1]:.4f}  "
                f"{tokens / elapsed:.0f} tokens/s  elapsed {elapsed:.1f}s")
-        bar.write(msg) if progress else None
+        if progress:
+            bar.write(msg)
     bar.close()
     model.eval()
     elapsed = time.time() - t0

@@ -160,3 +160,17 @@ def test_synthetic_qa_keeps_only_triples_whose_evidence_is_in_the_passage(tiny_d
     assert kept == [{"question": "What jumps?", "answer": "the fox",
                      "evidence": "The quick brown fox jumps over the lazy dog."}]
     assert len(calls) == 1 + 3 and len(set(calls)) == len(calls)     # bounded retries, fresh seed each
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
+    from data import Example
+    from train import example_loss
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    ids = tok.encode(TEXT)[:40]
+    got = []
+    for flag in (False, True):
+        model.zero_grad(set_to_none=True)
+        example_loss(model, Example(ids, ids), torch.device("cpu"), TrainConfig(dtype="float32", grad_checkpoint=flag)).backward()
+        got.append({n: p.grad.clone() for n, p in gm.trainable_parameters(model).items()})
+    assert all(torch.allclose(got[0][n], got[1][n], atol=1e-6) for n in got[0])
