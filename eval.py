@@ -124,10 +124,18 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 qa_file.write_text("".join(json.dumps({"question": q["question"], "answer": q["answers"][0]}) + "\n"
                                            for q in doc["train_questions"]))
             t = time.perf_counter()
-            lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, adapter_cfg=adapter_config(adapter_kind, lora_rank),
-                        train_cfg=train_cfg, qa_path=str(qa_file) if qa_file else None,
-                        init_path=init if adapter_kind == "gated_memory" else None)
+            res = lift.absorb(model, tok, doc["document"], data_cfg=data_cfg, train_cfg=train_cfg,
+                              adapter_cfg=adapter_config(adapter_kind, lora_rank), qa_path=str(qa_file) if qa_file else None,
+                              init_path=init if adapter_kind == "gated_memory" else None)
             absorb_s = time.perf_counter() - t
+            # How well the model knows the document's text before and after LIFT (mean window loss).
+            with lift.attached(model).disabled(model):
+                before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
+            after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
+            with (out / "absorb.jsonl").open("a") as f:
+                f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "doc_tokens": len(ids), "trained_now": res.trained,
+                                    "absorb_seconds": absorb_s, "doc_loss_before": before, "doc_loss_after": after,
+                                    **res.stats}) + "\n")
         with rec_path.open("a") as f:
             for i, mode in tqdm(wanted, desc=f"{doc['id']} {adapter}", leave=False):
                 q = doc["questions"][i]

@@ -121,7 +121,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
         msg = (f"epoch {epoch + 1}/{len(plan)}  loss {epoch_losses[-1]:.4f}  "
                f"{tokens / elapsed:.0f} tokens/s  elapsed {elapsed:.1f}s")
         if progress:
-            bar.write(msg)
+            bar.write(msg, file=sys.stderr)
     bar.close()
     model.eval()
     elapsed = time.time() - t0

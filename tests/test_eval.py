@@ -94,6 +94,9 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     assert {r["adapter"] for r in records} == {"none", "gated_memory", "lora"}
     assert all({"em", "f1", "contains", "evidence_pos", "in_budget", "prediction"} <= set(r) for r in records)
     assert (out / "summary.md").read_text().count("\n|") >= 7
+    absorbed = [json.loads(l) for l in (out / "absorb.jsonl").read_text().splitlines()]
+    assert {a["adapter"] for a in absorbed} == {"gated_memory", "lora"}
+    assert all(a["doc_loss_after"] < a["doc_loss_before"] + 1.0 and a["tokens"] > 0 for a in absorbed)
     assert (out / "score_by_mode.png").stat().st_size > 1000 and (out / "score_by_position.png").exists()
     lines = (out / "records.jsonl").read_text().splitlines()
     again = ev.run(docs, out, **args)                     # resumed: nothing recomputed
