@@ -124,6 +124,13 @@ def read_questions(path: str) -> list[dict]:
     return out
 
 
+def locate_answer(tok, text: str, answers: list[str]) -> float | None:
+    """Evidence position estimated as the first verbatim (case-sensitive) occurrence of a reference
+    answer, as a fraction of the document's tokens; None if no answer occurs verbatim."""
+    hits = [text.find(a) for a in answers if a and text.find(a) >= 0]
+    return len(tok.encode(text[:min(hits)])) / len(tok.encode(text)) if hits else None
+
+
 def write_benchmark(path: str, docs: list[dict]) -> None:
     Path(path).write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
 

@@ -455,9 +455,14 @@ def main(argv=None) -> int:
             docs = bm.read_benchmark(args.bench)
         else:
             import lift
-            qs = [{"question": q["question"], "answers": q["answers"], "evidence_pos": q.get("evidence_pos")}
+            from checkpoint import load_model
+            text = lift.read_document(args.doc)
+            _, tok = load_model(args.model)
+            # Where no evidence position is given, take the first verbatim occurrence of an answer.
+            qs = [{"question": q["question"], "answers": q["answers"],
+                   "evidence_pos": q.get("evidence_pos", bm.locate_answer(tok, text, q["answers"]))}
                   for q in bm.read_questions(args.qa)]
-            docs = [{"id": Path(args.doc).stem, "document": lift.read_document(args.doc), "questions": qs}]
+            docs = [{"id": Path(args.doc).stem, "document": text, "questions": qs}]
             if args.train_qa_file:
                 docs[0]["train_questions"] = bm.read_questions(args.train_qa_file)
                 args.train_qa = True

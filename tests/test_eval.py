@@ -41,6 +41,13 @@ def test_facts_generator_is_deterministic_and_puts_evidence_where_it_says(tok):
     assert sorted(positions) == pytest.approx([(k + 0.5) / 10 for k in range(10)], abs=0.05)
 
 
+def test_locate_answer_finds_the_first_verbatim_occurrence(tok):
+    text = "aaaa bbbb cccc. The River Tamsel is long. the river tamsel"
+    pos = bm.locate_answer(tok, text, ["nowhere", "The River Tamsel"])
+    assert pos == len(tok.encode("aaaa bbbb cccc. ")) / len(tok.encode(text))
+    assert bm.locate_answer(tok, text, ["absent"]) is None
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9])
 def test_needle_sits_at_the_requested_depth(tok, depth):
     d = bm.generate_needle(tok, 1200, depth, seed=1)
