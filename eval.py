@@ -299,7 +299,7 @@ def cost(lengths: list[int], out: Path, argv_common: list[str]) -> None:
     measured_max = max(r["tokens"] for r in rows)
     where = ("none found" if cross is None else
              f"{cross:,.0f} tokens ({'measured range' if cross <= measured_max else 'extrapolated beyond the measured range'})")
-    lines = [f"| tokens | ICL seconds | ICL extra peak MB | LIFT seconds | LIFT extra peak MB |", "|---:|---:|---:|---:|---:|"]
+    lines = ["| tokens | ICL seconds | ICL extra peak MB | LIFT seconds | LIFT extra peak MB |", "|---:|---:|---:|---:|---:|"]
     for L in lengths:
         i = next((r for r in ok["icl"] if abs(r["tokens"] - L) < 0.2 * L), None)
         l = next((r for r in ok["lift"] if abs(r["tokens"] - L) < 0.2 * L), None)

@@ -23,7 +23,7 @@ import torch
 
 import gated_memory
 import lora
-from data import DataConfig, DataError, build_epochs, question_messages, read_qa_jsonl, sentences, truncate_middle, window_spans
+from data import DataConfig, build_epochs, question_messages, read_qa_jsonl, sentences, truncate_middle, window_spans
 from checkpoint import fingerprint
 from model import generate
 from train import TrainConfig, autocast, example_loss, train_adapter

@@ -18,7 +18,6 @@ is written atomically after every step, so an interrupted run resumes to the sam
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -31,7 +30,7 @@ from tqdm import tqdm
 import benchmarks as bm
 import gated_memory
 from data import DataConfig, DataError, qa_example, truncate_middle, window_examples
-from train import TrainConfig, autocast, example_loss
+from train import TrainConfig, example_loss
 
 
 @dataclass

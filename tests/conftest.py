@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random Llama with a tiny tokenizer, saved as a Hugging Face directory,
 and (session-scoped, for the few tests marked `real`) the built-in default model."""
 import json
-import os
 import sys
 from pathlib import Path
 

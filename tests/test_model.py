@@ -7,7 +7,7 @@ import torch
 
 from conftest import save_hf_dir, tiny_config, tiny_model
 from checkpoint import load_model
-from model import ConfigError, ModelConfig, Transformer, generate, rope_frequencies
+from model import ConfigError, generate, rope_frequencies
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 19, 64, 1, 300]])
 
