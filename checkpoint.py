@@ -351,6 +351,9 @@ def write_adapter_file(model: Transformer, path: str, fmt: str, config: dict, te
     os.close(fd)
     try:
         save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
