@@ -13,7 +13,7 @@ what the paper reports) and full (base model, whole document, when it fits the m
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
 judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
-resumes where it stopped), summary.md, and PNG plots. Benchmark data and metrics: benchmarks.py.
+resumes where it stopped), summary.md, and PNG plots (plots.py). Benchmark data and metrics: benchmarks.py.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import benchmarks as bm
+import plots
 from data import DataConfig
 from train import TrainConfig, add_dataclass_args, autocast
 
@@ -181,63 +182,8 @@ def write_summary(records: list[dict], out: Path, settings: dict) -> str:
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
-    plot_results(groups, out)
+    plots.plot_results(groups, out)
     return text
-
-
-def plot_results(groups: dict[str, list[dict]], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(groups)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
-    ax.bar(range(len(names)), [sum(r["contains"] for r in groups[n]) / len(groups[n]) for n in names], color="#4a7ab5")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("answer contained")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out / "score_by_mode.png", dpi=110)
-    plt.close(fig)
-
-    bins = 5
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for n in names:
-        rs = [r for r in groups[n] if r.get("evidence_pos") is not None and r.get("depth") is None]
-        if not rs:
-            continue
-        xs, ys = [], []
-        for b in range(bins):
-            sel = [r for r in rs if b / bins <= r["evidence_pos"] < (b + 1) / bins]
-            if sel:
-                xs.append((b + 0.5) / bins)
-                ys.append(sum(r["contains"] for r in sel) / len(sel))
-        ax.plot(xs, ys, marker="o", label=n)
-    ax.set_xlabel("evidence position in the document (fraction)")
-    ax.set_ylabel("answer contained")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "score_by_position.png", dpi=110)
-    plt.close(fig)
-
-    needle = {n: [r for r in groups[n] if r.get("depth") is not None] for n in names}
-    needle = {n: rs for n, rs in needle.items() if rs}
-    if needle:
-        fig, axes = plt.subplots(1, len(needle), figsize=(3.2 * len(needle), 3), squeeze=False)
-        for ax, (n, rs) in zip(axes[0], needle.items()):
-            lengths, depths = sorted({r["doc_tokens"] for r in rs}), sorted({r["depth"] for r in rs})
-            grid = torch.full((len(depths), len(lengths)), float("nan"))
-            for r in rs:
-                grid[depths.index(r["depth"]), lengths.index(r["doc_tokens"])] = r["contains"]
-            ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-            ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-            ax.set_title(n, fontsize=8)
-            ax.set_xlabel("haystack tokens")
-        axes[0][0].set_ylabel("needle depth")
-        fig.tight_layout()
-        fig.savefig(out / "needle_grid.png", dpi=110)
-        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- cost against length
@@ -340,29 +286,12 @@ def cost(lengths: list[int], out: Path, argv_common: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     (out / "cost.md").write_text(text)
     print(text)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    xs = np.linspace(0, max(measured_max, (cross or 0) * 1.1), 200)
-    for m, color in (("icl", "#c0504d"), ("lift", "#4a7ab5")):
-        ax.scatter([r["tokens"] for r in ok[m]], [r["seconds"] for r in ok[m]], color=color, label=f"{m} measured")
-        coef = fits[m]["quadratic"] if m == "icl" else fits[m]["linear"]
-        ax.plot(xs, np.polyval(coef, xs), color=color, alpha=0.6, label=f"{m} fit ({'quadratic' if m == 'icl' else 'linear'})")
-    ax.set_xlabel("input tokens")
-    ax.set_ylabel("seconds (input + one answer)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "cost.png", dpi=110)
-    plt.close(fig)
+    plots.plot_cost(ok, fits, cross, measured_max, out)
 
 
 # ----------------------------------------------------------------------------- gates
 def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg) -> None:
     """Mean gate g per layer and head, for a question about the document and an unrelated one."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import gated_memory
     import lift
     from checkpoint import load_model
@@ -382,18 +311,7 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
             model(torch.tensor([tok.encode(text)]))
         maps[name] = torch.stack([a.last_gates[first:last].mean(0) for a in gated_memory.adapters(model)])  # (layers, H)
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
-    diff = maps["about the document"] - maps["unrelated"]
-    for ax, (title, m) in zip(axes, [*maps.items(), ("difference", diff)]):
-        im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis" if title != "difference" else "coolwarm",
-                       vmin=None if title != "difference" else -diff.abs().max().item(),
-                       vmax=None if title != "difference" else diff.abs().max().item())
-        ax.set_title(f"{title}\nmean g = {m.mean():.3f}", fontsize=9)
-        ax.set_xlabel("head")
-        fig.colorbar(im, ax=ax)
-    axes[0].set_ylabel("layer")
-    fig.tight_layout()
-    fig.savefig(out / "gates.png", dpi=110)
+    plots.plot_gates(maps, out)
     summary = {k: round(v.mean().item(), 4) for k, v in maps.items()}
     (out / "gates.json").write_text(json.dumps({"question": question, "unrelated": unrelated, "mean_gate": summary,
                                                 "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}))
