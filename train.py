@@ -75,8 +75,8 @@ def example_loss(model, ex: Example, device, cfg: TrainConfig) -> torch.Tensor:
 def keep_freed_memory() -> None:
     """CPU only, glibc only: let malloc keep large freed blocks instead of handing them back to
     the OS. Every step allocates and frees the same ~100 MB buffers (logits, activations); without
-    this the kernel zero-fills fresh pages each time (measured here: 3.5x fewer page faults and a
-    ~10% faster step). Harmless where it does not apply."""
+    this the kernel hands out and zero-fills fresh pages on every step, which shows up as system
+    time in a CPU profile. Harmless where it does not apply."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
