@@ -113,9 +113,9 @@ def check_fits(model, data_cfg: DataConfig):
                         f"in the model's {model.cfg.max_seq_len}-token window")
 
 
-def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig, qa_path: Optional[str] = None, synth_qa: int = 0,
-           adapter_path: Optional[str] = None, use_cache: bool = True, progress: bool = True,
-           init_path: Optional[str] = None) -> AbsorbResult:
+def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig,
+           qa_path: Optional[str] = None, synth_qa: int = 0, adapter_path: Optional[str] = None,
+           use_cache: bool = True, progress: bool = True, init_path: Optional[str] = None) -> AbsorbResult:
     """Leave `model` with an adapter holding `text`: loaded from adapter_path or the cache when
     possible, otherwise trained from a fresh initialisation and then saved. adapter_cfg is a
     GatedMemoryConfig (the paper's adapter) or a LoRAConfig (the baseline). init_path: start from a
@@ -126,6 +126,8 @@ def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cf
     if not doc:
         raise LiftError("the document has no tokens")
     window_spans(len(doc), data_cfg.window, data_cfg.step)   # validates window/stride early
+    if init_path and not Path(init_path).is_file():
+        raise LiftError(f"--init {init_path}: no such file")
     if adapter_path and Path(adapter_path).exists():
         extra = load_adapter(model, adapter_path)
         return AbsorbResult(adapter_path, False, extra.get("stats", {}), extra.get("qa", []))

@@ -107,6 +107,7 @@ def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path):
     ("ok", ["--window", "100000"], "larger than the model's context"),
     ("badqa", [], "line 2"),
     ("ok", ["--lr", "inf"], "loss became nan"),
+    ("ok", ["--init", "no-such-init.safetensors"], "no such file"),
 ])
 def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
     doc = tmp_path / "d.txt"
