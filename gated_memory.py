@@ -13,11 +13,12 @@ and the o_h go on to the frozen output projection wo. Every base weight stays fr
 
 It plugs into model.py through the single hook `Attention.head_adapter`.
 
-Initialisation (our choice, following the released code's "small random weights"): the input
-layers W1, W1' get PyTorch's usual fan-in scale so their activations carry signal from the start;
-the output layers W2, w2 get tiny weights (std 1e-3), so m ≈ 0 and u ≈ 0, hence
-g ≈ σ(−3) ≈ 0.047. A fresh adapter therefore scales each attention output by ≈ 0.953: close to
-the base model, not equal to it (tests/test_gated_memory.py states the bound).
+Initialisation (our choice; the released code applies kaiming-uniform to the stacked tensors,
+which gives other scales): the input layers W1, W1' get PyTorch's usual fan-in scale so their
+activations carry signal from the start; the output layers W2, w2 get tiny weights (std 1e-3),
+so m ≈ 0 and u ≈ 0, hence g ≈ σ(−3) ≈ 0.047. A fresh adapter therefore scales each attention
+output by ≈ 0.953: close to the base model, not equal to it (tests/test_gated_memory.py states
+the bound). METHOD.md (in this repository) derives the split of attention that motivates g.
 """
 from __future__ import annotations
 
@@ -30,17 +31,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import read_adapter_file, write_adapter_file
+from checkpoint import write_adapter_file
 from model import ConfigError, Transformer
+from options import option
 
 
 @dataclass
 class GatedMemoryConfig:
-    memory_mult: int = 2          # memory MLP hidden width = memory_mult · D (the paper: 2D)
-    gate_width: int = 0           # gate MLP hidden width; 0 means ⌊√D⌋ as in the paper
-    gate_scale: float = 3.0       # g = σ(gate_scale · (u − gate_shift))
-    gate_shift: float = 1.0
-    init_std: float = 1e-3        # std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))
+    memory_mult: int = option(2, "memory MLP hidden width, in multiples of the head dim D (the paper: 2)")
+    gate_width: int = option(0, "gate MLP hidden width; 0 means ⌊√D⌋ as in the paper")
+    gate_scale: float = option(3.0, "g = σ(gate_scale · (u − gate_shift)); the paper: 3")
+    gate_shift: float = option(1.0, "the paper: 1, so a fresh gate (u ≈ 0) is σ(−3) ≈ 0.047")
+    init_std: float = option(1e-3, "std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))")
 
     def gate_hidden(self, head_dim: int) -> int:
         return self.gate_width or math.isqrt(head_dim)
@@ -161,18 +163,15 @@ def save(model: Transformer, path: str, extra: Optional[dict] = None) -> None:
     write_adapter_file(model, path, FORMAT, asdict(model.adapter_config), adapter_state_dict(model), extra)
 
 
-def load(model: Transformer, path: str) -> dict:
-    """Attach the adapter saved at path to model. Refuses a file made for another base model or
-    with tensors that do not match exactly. Returns the file's `extra` dict."""
-    cfg, tensors, extra = read_adapter_file(model, path, FORMAT)
-    attach(model, GatedMemoryConfig(**cfg))
+def restore(model: Transformer, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Attach an adapter with this config and exactly these tensors (from checkpoint.read_adapter_file)."""
+    attach(model, GatedMemoryConfig(**config))
     own = adapter_state_dict(model)
     if set(tensors) != set(own):
-        raise ConfigError(f"{path}: adapter tensors do not match this model "
-                          f"(missing {sorted(set(own) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(own))[:3]})")
+        raise ConfigError(f"adapter tensors do not match this model (missing {sorted(set(own) - set(tensors))[:3]}, "
+                          f"unexpected {sorted(set(tensors) - set(own))[:3]})")
     with torch.no_grad():
         for n, p in own.items():
             if tensors[n].shape != p.shape:
-                raise ConfigError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+                raise ConfigError(f"{n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
             p.copy_(tensors[n])
-    return extra

@@ -1,37 +1,190 @@
-"""LIFT, the method (arXiv 2502.14644): absorb a long document into a Gated Memory adapter, then
-answer questions about it.
+"""LIFT, the method (arXiv 2502.14644), top to bottom in one file:
 
-    absorb(model, tok, text, ...)   tokenize -> windows (+ QA) -> fresh adapter -> train -> cache
-    answer(model, tok, question, doc_ids, mode=...)   icl | lift | lift+icl (§3, "LIFT+ICL")
+    absorb(model, tok, doc, qa)       windows (+ QA pairs) -> fresh adapter -> AdamW loop
+    answer(model, tok, question, doc) icl | lift | lift+icl (§3, "LIFT+ICL" is what the paper reports)
 
-Adapters are cached on disk, keyed by the document's hash, the base model's fingerprint and every
-setting that changes training, so asking again about the same document loads the adapter instead
-of training. The cache lives in $LIFT_CACHE, or ~/.cache/lift.
+METHOD.md (in this repository) explains the method with the paper's equations and settings; data.py
+builds the training examples, gated_memory.py is the adapter. Storing adapters on disk so that a
+second question costs no training is plumbing around the method: it lives in cache.py.
+
+The loop is plain on purpose: one example at a time (batch 1, as released), autocast from a dtype
+string (CPU and CUDA alike), optional gradient checkpointing of every block, gradient clipping, a
+constant learning rate, and one optimizer step every `accumulate` examples (1 by default; 0 = the
+whole epoch, as the released code did).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import random
-import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import gated_memory
 import lora
-from data import DataConfig, build_epochs, question_messages, read_qa_jsonl, sentences, truncate_middle, window_spans
-from checkpoint import fingerprint
+from checkpoint import AdapterFileError, read_adapter_file
+from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
-from train import TrainConfig, autocast, example_loss, train_adapter
+from options import UserError, option
+
+# The two adapters LIFT can train, with one interface (attach, remove, disabled, adapters, save,
+# restore): the paper's Gated Memory and the LoRA baseline of its ablation.
+ADAPTERS = {"gated_memory": gated_memory, "lora": lora}
+CONFIGS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
 
 
-# The two adapters LIFT can train: the paper's Gated Memory and a LoRA baseline (same interface).
-ADAPTERS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
-FORMATS = {gated_memory.FORMAT: gated_memory, lora.FORMAT: lora}
+class TrainingError(UserError):
+    """Training could not finish (for example the loss became NaN); nothing was saved."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(8, "passes over the data (released: 3 on windows only + 5 with QA)")
+    lr: float = option(1e-3, "learning rate, constant (the paper's value for Gated Memory)")
+    beta1: float = 0.9                # AdamW betas, eps and weight decay as released
+    beta2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    clip: float = 1.0                 # max global gradient norm
+    accumulate: int = option(1, "examples per optimizer step; 0 = the whole epoch (released code)")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
+                                "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
+    grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
+                                          "about a third more compute")
+    seed: int = option(0, "random seed: adapter initialisation, data order")
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UserError(f"--epochs {self.epochs}: at least one epoch is needed")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise UserError(f"--lr {self.lr}: the learning rate must be a positive finite number")
+        if self.accumulate < 0:
+            raise UserError(f"--accumulate {self.accumulate}: use a positive count, or 0 for the whole epoch")
+        if self.dtype not in ("auto", "bfloat16", "float32"):   # float16 would need a gradient scaler
+            raise UserError(f"--dtype {self.dtype}: choose auto, bfloat16 or float32")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """"auto" -> the fast dtype of this device. bf16 runs at tensor-core speed on CUDA and at up to
+    ~2.5x the fp32 rate on CPUs with AVX-512 bf16 or AMX, but is *emulated*, tens of times slower
+    than fp32, on CPUs without them (such as AVX2-only machines)."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        fast_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        fast_bf16 = False
+    return "bfloat16" if fast_bf16 else "float32"
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CPU or CUDA from a dtype string; a no-op context for float32."""
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+# ----------------------------------------------------------------------------- the loss
+def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE. Position t
+    predicts token t+1, so logits are needed only at the positions just before a labelled token
+    (every position of a window; only the answer of a QA example)."""
+    device = model.tok_embeddings.weight.device
+    ids = torch.tensor([ex.input_ids], device=device)                      # (1, T)
+    targets = torch.tensor(ex.labels[1:], device=device)                    # (T-1,)
+    at = (targets != IGNORE).nonzero().squeeze(1)                           # (N,) positions with a loss
+    with autocast(device, cfg.dtype):
+        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (1, N, V)
+    return F.cross_entropy(logits[0].float(), targets[at])                 # fp32 softmax over V
+
+
+# ----------------------------------------------------------------------------- the AdamW loop
+def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train the model's trainable tensors (the adapter) on plan = [epoch][example]. Returns stats.
+    When a step accumulates several examples, each example's mean loss is weighted by its share
+    of the step's labelled tokens, as the released code (Hugging Face Trainer) did."""
+    device = model.tok_embeddings.weight.device
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+    opt.zero_grad(set_to_none=True)                        # no gradient left over from before
+    model.train()
+    tokens, t0, epoch_losses = 0, time.time(), []
+    bar = tqdm(total=sum(len(e) for e in plan), disable=not progress, unit="ex", dynamic_ncols=True)
+    for epoch, examples in enumerate(plan):
+        per_step = cfg.accumulate or len(examples)
+        steps = [examples[i:i + per_step] for i in range(0, len(examples), per_step)]
+        loss_sum, seen = torch.zeros((), device=device), 0   # the loss is read back once per step
+        for step in steps:
+            labelled = sum(sum(l != IGNORE for l in ex.labels[1:]) for ex in step)
+            for ex in step:
+                loss = example_loss(model, ex, cfg)
+                share = sum(l != IGNORE for l in ex.labels[1:]) / labelled
+                (loss * share).backward()                  # gradients add up across the step
+                loss_sum += loss.detach()
+                tokens += len(ex.input_ids)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seen += len(step)
+            mean = loss_sum.item() / seen
+            if mean != mean or mean == float("inf"):
+                raise TrainingError(f"the loss became {mean} in epoch {epoch + 1}; try a lower --lr. "
+                                    f"Nothing was saved.")
+            bar.set_description(f"epoch {epoch + 1}/{len(plan)}")
+            bar.set_postfix(loss=f"{mean:.3f}")
+            bar.update(len(step))
+        epoch_losses.append(loss_sum.item() / len(examples))
+        elapsed = time.time() - t0
+        if progress:
+            bar.write(f"epoch {epoch + 1}/{len(plan)}  loss {epoch_losses[-1]:.4f}  "
+                      f"{tokens / elapsed:.0f} tokens/s  elapsed {elapsed:.1f}s", file=sys.stderr)
+    bar.close()
+    model.eval()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise TrainingError("training diverged (the adapter's weights are not finite); try a lower --lr. "
+                            "Nothing was saved.")
+    elapsed = time.time() - t0
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "epoch_losses": epoch_losses}
+
+
+# ----------------------------------------------------------------------------- absorbing a document
+def check_fits(model, tok, doc: list[int], data_cfg: DataConfig) -> None:
+    """Refuse, before any training, settings whose examples or prompts would not fit the model."""
+    room = model.cfg.max_seq_len
+    if data_cfg.window > room:
+        raise UserError(f"--window {data_cfg.window} is larger than the model's context ({room} tokens)")
+    if data_cfg.context + 256 > room:
+        raise UserError(f"--context {data_cfg.context} leaves no room for the question and answer "
+                        f"in the model's {room}-token context")
+    if data_cfg.contextualized and data_cfg.ct_prefix + 64 + data_cfg.window > room:
+        raise UserError(f"contextualized windows ({data_cfg.ct_prefix}-token prefix + {data_cfg.window}-token "
+                        f"window) do not fit the model's {room}-token context; lower --context or --window")
+    if len(doc) < 2:
+        raise UserError("the document has fewer than 2 tokens: there is nothing to predict")
+
+
+def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, adapter_cfg,
+           train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True) -> dict:
+    """LIFT on one document: build the examples (§3.1 windows, §3.2 QA pairs {"question",
+    "answer"}), attach a fresh adapter (or the pre-LIFT SFT initialisation `init`, §7), train it
+    with a fresh AdamW. Leaves the adapter attached to `model`; returns the training stats."""
+    check_fits(model, tok, doc, data_cfg)
+    plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
+    kind = CONFIGS[type(adapter_cfg)]
+    for other in ADAPTERS.values():
+        other.remove(model)
+    kind.attach(model, adapter_cfg, seed=train_cfg.seed)
+    if init is not None:
+        load_adapter_file(model, init, expect=adapter_cfg)
+    stats = train_adapter(model, plan, train_cfg, progress=progress)
+    stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return stats
 
 
 def attached(model):
@@ -39,141 +192,32 @@ def attached(model):
     return next((m for m in ADAPTERS.values() if m.adapters(model)), None)
 
 
-def detach_all(model):
-    for m in ADAPTERS.values():
-        m.remove(model)
+def load_adapter_file(model, path: str, expect=None) -> dict:
+    """Attach the adapter saved at `path` (either kind: the file says which) and return what its
+    writer stored beside it. `expect`: refuse a file whose adapter config is not this one."""
+    f = read_adapter_file(model, path)
+    kind = next((m for m in ADAPTERS.values() if m.FORMAT == f.format), None)
+    if kind is None:
+        raise AdapterFileError(f"{path} is not an adapter saved by this project (format {f.format!r})")
+    if expect is not None and (CONFIGS[type(expect)] is not kind or type(expect)(**f.config) != expect):
+        raise UserError(f"{path} holds another adapter shape ({f.format} {f.config}), not {expect}")
+    for other in ADAPTERS.values():
+        other.remove(model)
+    kind.restore(model, f.config, f.tensors)
+    return f.extra
 
 
-def load_adapter(model, path: str) -> dict:
-    """Load an adapter file of either kind; its own header says which."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-    except Exception as e:
-        raise LiftError(f"cannot read adapter {path}: {e}") from None
-    if fmt not in FORMATS:
-        raise LiftError(f"{path} is not an adapter saved by this project")
-    detach_all(model)
-    return FORMATS[fmt].load(model, path)
-
-
-class LiftError(RuntimeError):
-    """A user-facing problem with a LIFT run (bad document, bad question, settings too large)."""
-
-
-def read_document(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise LiftError(f"{path}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LiftError(f"{path} is not UTF-8 text (byte {e.start}); convert it first, e.g. with iconv") from None
-    if not text.strip():
-        raise LiftError(f"{path} is empty")
-    return text
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LIFT_CACHE", Path.home() / ".cache" / "lift"))
-
-
-@dataclass
-class AbsorbResult:
-    path: Optional[str]           # where the adapter is (None with --no-cache and no --adapter)
-    trained: bool                 # False when it came from the cache or --adapter
-    stats: dict = field(default_factory=dict)
-    qa: list = field(default_factory=list)
-
-    def summary(self) -> str:
-        if not self.trained:
-            return f"adapter loaded from {self.path} (no training)"
-        s = self.stats
-        return (f"LIFT: {s['tokens']} tokens trained in {s['seconds']:.1f}s ({s['tokens_per_s']:.0f} tokens/s), "
-                f"{s['trainable_params']:,} trainable parameters, final epoch loss {s['epoch_losses'][-1]:.3f}; "
-                f"adapter: {self.path or 'not saved (--no-cache)'}")
-
-
-def cache_key(doc_ids: list[int], base_fp: str, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig,
-              qa: list[dict], synth_qa: int, init_hash: Optional[str] = None) -> str:
-    """Everything that changes the trained adapter, hashed."""
-    blob = json.dumps({"doc": hashlib.sha256(json.dumps(doc_ids).encode()).hexdigest(), "base": base_fp,
-                       "data": asdict(data_cfg), "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)],
-                       "train": asdict(train_cfg),
-                       "qa": qa, "synth_qa": synth_qa, "init": init_hash}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def check_fits(model, data_cfg: DataConfig):
-    if data_cfg.window > model.cfg.max_seq_len:
-        raise LiftError(f"window {data_cfg.window} is larger than the model's context ({model.cfg.max_seq_len} tokens)")
-    if data_cfg.context + 256 > model.cfg.max_seq_len:
-        raise LiftError(f"context budget {data_cfg.context} leaves no room for the question and answer "
-                        f"in the model's {model.cfg.max_seq_len}-token window")
-
-
-def absorb(model, tok, text: str, *, data_cfg: DataConfig, adapter_cfg, train_cfg: TrainConfig,
-           qa_path: Optional[str] = None, synth_qa: int = 0, adapter_path: Optional[str] = None,
-           use_cache: bool = True, progress: bool = True, init_path: Optional[str] = None) -> AbsorbResult:
-    """Leave `model` with an adapter holding `text`: loaded from adapter_path or the cache when
-    possible, otherwise trained from a fresh initialisation and then saved. adapter_cfg is a
-    GatedMemoryConfig (the paper's adapter) or a LoRAConfig (the baseline). init_path: start from a
-    pre-LIFT SFT initialisation (sft.py) instead of a fresh random adapter."""
-    kind = ADAPTERS[type(adapter_cfg)]
-    check_fits(model, data_cfg)
-    doc = tok.encode(text)
-    if not doc:
-        raise LiftError("the document has no tokens")
-    window_spans(len(doc), data_cfg.window, data_cfg.step)   # validates window/stride early
-    if init_path and not Path(init_path).is_file():
-        raise LiftError(f"--init {init_path}: no such file")
-    if adapter_path and Path(adapter_path).exists():
-        extra = load_adapter(model, adapter_path)
-        return AbsorbResult(adapter_path, False, extra.get("stats", {}), extra.get("qa", []))
-    qa = read_qa_jsonl(qa_path) if qa_path else []
-    base_fp = fingerprint(model)
-    init_hash = hashlib.sha256(Path(init_path).read_bytes()).hexdigest() if init_path else None
-    key = cache_key(doc, base_fp, data_cfg, adapter_cfg, train_cfg, qa, synth_qa, init_hash)
-    cached = cache_dir() / f"{key}.safetensors"
-    if use_cache and cached.exists():
-        extra = load_adapter(model, str(cached))
-        if adapter_path:
-            kind.save(model, adapter_path, extra)
-        return AbsorbResult(str(cached), False, extra.get("stats", {}), extra.get("qa", []))
-
-    detach_all(model)
-    if synth_qa:
-        qa = qa + synthesize_qa(model, tok, text, synth_qa, seed=train_cfg.seed, dtype=train_cfg.dtype, progress=progress)
-    plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
-    if init_path:
-        from sft import load_init
-        load_init(model, init_path, adapter_cfg)
-    else:
-        kind.attach(model, adapter_cfg, seed=train_cfg.seed)
-    stats = train_adapter(model, plan, train_cfg, progress=progress)
-    stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    extra = {"stats": stats, "qa": qa, "doc_tokens": len(doc)}
-    path = None
-    if adapter_path:
-        kind.save(model, adapter_path, extra)
-        path = adapter_path
-    if use_cache:
-        kind.save(model, str(cached), extra)
-        path = path or str(cached)
-    return AbsorbResult(path, True, stats, qa)
-
-
-# The paper's three modes (§6), plus two baselines for eval.py: "closed" (base model, no document)
+# ----------------------------------------------------------------------------- answering (§3, inference modes)
+# The paper's three modes, plus two baselines for eval.py: "closed" (base model, no document)
 # and "full" (base model, the whole document in context: the upper bound when it fits).
 MODES = ("icl", "lift", "lift+icl", "closed", "full")
 BASE_MODES = ("icl", "closed", "full")          # run with any adapter switched off
 
 
 def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -> list[int]:
-    """The prompt of §6: the truncated document in context for icl and lift+icl, none for lift."""
+    """The prompt: the truncated document in context for icl and lift+icl, none for lift."""
     if mode not in MODES:
-        raise LiftError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        raise UserError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     if mode in ("lift", "closed"):
         context_text = None
     else:
@@ -182,19 +226,21 @@ def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -
 
 
 def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 512,
-           max_new_tokens: int = 64, dtype: str = "bfloat16",
+           max_new_tokens: int = 64, dtype: str = "float32",
            stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter
     switched off; lift and lift+icl need an adapter."""
     if not question.strip():
-        raise LiftError("empty question")
+        raise UserError("empty question")
     kind = attached(model)
     if mode not in BASE_MODES and kind is None:
-        raise LiftError(f"mode {mode} needs an adapter: absorb the document first")
+        raise UserError(f"mode {mode} needs an adapter: absorb the document first")
     prompt = answer_prompt(tok, question, doc, mode, context)
+    if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
+        raise UserError(f"the prompt ({len(prompt)} tokens) and the answer ({max_new_tokens}) do not fit the "
+                        f"model's {model.cfg.max_seq_len}-token context; shorten the question or --context")
     device = model.tok_embeddings.weight.device
-    printed = ""
-    out: list[int] = []
+    printed, out = "", []
 
     def on_token(t: int):
         nonlocal printed
@@ -205,60 +251,14 @@ def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl",
                 stream(text[len(printed):])
                 printed = text
 
-    with autocast(device, dtype):
-        if mode in BASE_MODES and kind is not None:
-            with kind.disabled(model):
-                ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
-        else:
-            ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
+    with autocast(device, dtype), (kind.disabled(model) if mode in BASE_MODES and kind else nullcontext()):
+        ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
     return tok.decode(ids).strip()
 
 
 @torch.no_grad()
-def document_loss(model, doc: list[int], data_cfg: DataConfig, dtype: str = "bfloat16") -> float:
+def document_loss(model, doc: list[int], data_cfg: DataConfig, dtype: str = "float32") -> float:
     """Mean next-token loss over the document's windows (how well the model "knows" the text)."""
-    from data import window_examples
-    device = model.tok_embeddings.weight.device
     cfg = TrainConfig(dtype=dtype)
-    losses = [example_loss(model, ex, device, cfg).item() for ex in window_examples(doc, data_cfg)]
+    losses = [example_loss(model, ex, cfg).item() for ex in window_examples(doc, data_cfg)]
     return sum(losses) / len(losses)
-
-
-# ----------------------------------------------------------------------------- synthetic QA (§3.2)
-SYNTH_PROMPT = ("Read the passage and write one question that it answers.\n\nPassage:\n{passage}\n\n"
-                "Reply in exactly this format:\nQuestion: <question>\nAnswer: <short answer>\n"
-                "Evidence: <a sentence copied exactly from the passage>")
-
-
-def parse_qa(reply: str) -> Optional[dict]:
-    m = re.search(r"Question:\s*(.+?)\s*Answer:\s*(.+?)\s*Evidence:\s*(.+)", reply, re.S)
-    if not m:
-        return None
-    q, a, e = (s.strip().strip('"') for s in m.groups())
-    return {"question": q, "answer": a, "evidence": e} if q and a and e else None
-
-
-def synthesize_qa(model, tok, text: str, n: int, *, seed: int = 0, retries: int = 5, passage_sentences: int = 16,
-                  dtype: str = "bfloat16", progress: bool = False) -> list[dict]:
-    """The released recipe: for each of n random passages of ~16 sentences, ask the model for a
-    Question / Answer / Evidence triple; keep it only if the evidence appears verbatim in the
-    passage (up to `retries` sampled attempts). Returns the kept triples (possibly fewer than n)."""
-    from tqdm import tqdm
-    sents = sentences(text)
-    rng = random.Random(seed)
-    device = model.tok_embeddings.weight.device
-    norm = lambda s: " ".join(s.split()).lower()
-    kept = []
-    for i in tqdm(range(n), desc="synthesising QA", disable=not progress):
-        start = rng.randrange(max(1, len(sents) - passage_sentences + 1))
-        passage = " ".join(sents[start:start + passage_sentences])
-        prompt = tok.encode_chat([{"role": "user", "content": SYNTH_PROMPT.format(passage=passage)}])
-        for attempt in range(retries):
-            with autocast(device, dtype):   # called before an adapter is attached: the base model
-                reply = tok.decode(generate(model, prompt, 96, stop_ids=tok.stop_ids, temperature=0.7,
-                                            seed=seed * 1000 + i * retries + attempt))
-            triple = parse_qa(reply)
-            if triple and norm(triple["evidence"]) in norm(passage):
-                kept.append(triple)
-                break
-    return kept

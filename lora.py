@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from checkpoint import read_adapter_file, write_adapter_file
+from checkpoint import write_adapter_file
 from model import ConfigError, Transformer
+from options import option
 
 TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -27,9 +28,8 @@ TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
 
 @dataclass
 class LoRAConfig:
-    rank: int = 16                # r (the paper's PiSSA baseline used r = 128 on an 8B model)
-    alpha: float = 32.0           # the update is scaled by alpha / rank
-    init_std: float = 0.0         # 0: A gets Kaiming-uniform init, B = 0 (fresh adapter = base model)
+    rank: int = option(16, "r (the paper's PiSSA baseline: r = 128 on an 8B model)")
+    alpha: float = option(32.0, "the update is scaled by alpha / rank")
 
 
 class LoRA(nn.Module):
@@ -104,13 +104,12 @@ def save(model: Transformer, path: str, extra: Optional[dict] = None) -> None:
     write_adapter_file(model, path, FORMAT, asdict(model.adapter_config), adapter_state_dict(model), extra)
 
 
-def load(model: Transformer, path: str) -> dict:
-    cfg, tensors, extra = read_adapter_file(model, path, FORMAT)
-    attach(model, LoRAConfig(**cfg))
+def restore(model: Transformer, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Attach LoRA with this config and exactly these tensors (from checkpoint.read_adapter_file)."""
+    attach(model, LoRAConfig(**config))
     own = adapter_state_dict(model)
-    if set(tensors) != set(own):
-        raise ConfigError(f"{path}: LoRA tensors do not match this model")
+    if set(tensors) != set(own) or any(tensors[n].shape != p.shape for n, p in own.items()):
+        raise ConfigError("LoRA tensors do not match this model")
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(tensors[n])
-    return extra

@@ -27,9 +27,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from options import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A checkpoint or setting we refuse, with a message meant for the user."""
+
+
+# config.json keys that change the math of a Llama-like model and that this file does not
+# implement: a checkpoint that sets them is refused rather than run with silently wrong outputs.
+UNSUPPORTED_KEYS = ("partial_rotary_factor", "sliding_window", "attn_logit_softcapping",
+                    "final_logit_softcapping", "logits_scaling", "embedding_multiplier",
+                    "residual_multiplier", "attention_multiplier", "no_rope_layers", "qk_norm")
 
 
 @dataclass
@@ -71,14 +80,21 @@ class ModelConfig:
             raise ConfigError("checkpoints with attention or MLP biases are not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+        for key in UNSUPPORTED_KEYS:
+            if hf.get(key) not in (None, False, 1, 1.0) or (key == "sliding_window" and hf.get("use_sliding_window")):
+                raise ConfigError(f"config.json sets {key}={hf.get(key)!r}, which this Llama does not implement")
+        # transformers 5 writes rope_theta and rope_scaling inside one "rope_parameters" dict.
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         n_heads = hf["num_attention_heads"]
         cfg = dict(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"), tie_embeddings=hf.get("tie_word_embeddings", False),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
             max_seq_len=hf.get("max_position_embeddings", 2048),
         )
         cfg.update(overrides)
@@ -184,14 +200,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, S, D)
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
-        k = k.repeat_interleave(self.cfg.n_rep, dim=1)           # (B, H, S, D)
-        v = v.repeat_interleave(self.cfg.n_rep, dim=1)           # (B, H, S, D)
-
         if self.cfg.fused_attention:
+            # enable_gqa lets the kernel share each key/value head without copying it n_rep times.
             attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype
-            y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None,
+                                               enable_gqa=True)          # (B, H, T, D)
         else:
             # The reference path: what the fused kernel computes, written out.
+            k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
+            v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             scores = (q_rot @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
             if mask is None:
                 mask = causal_mask(T, T, 0, x.device, scores.dtype)
@@ -247,8 +264,11 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
-                last_only: bool = False, grad_checkpoint: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only.
+                last_only: bool = False, grad_checkpoint: bool = False,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only,
+        or (B, N, V) at the N positions `logits_at` (the output head is a fifth of the model's
+        FLOPs: a loss over a few answer tokens should not pay for it at every position).
 
         grad_checkpoint: keep only each block's input during the forward pass and recompute the
         block in the backward pass (memory for compute, as LIFT's released code does)."""
@@ -266,6 +286,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, start_pos)
         if last_only:
             x = x[:, -1:]                                                    # (B, 1, C)
+        elif logits_at is not None:
+            x = x[:, logits_at]                                              # (B, N, C)
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, head)                                             # (B, T, V)

@@ -1,5 +1,5 @@
-"""Pre-LIFT SFT: learn the Gated Memory's *starting point* across many documents (METHOD.md §7,
-the blog version of arXiv 2502.14644).
+"""Pre-LIFT SFT: learn the Gated Memory's *starting point* across many documents (METHOD.md in
+this repository, §7; the blog version of arXiv 2502.14644).
 
     python train.py sft --out runs/sft            (generated corpus; resumable; writes init.safetensors)
     python train.py --doc book.txt --init runs/sft/init.safetensors --ask ...
@@ -18,8 +18,10 @@ is written atomically after every step, so an interrupted run resumes to the sam
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,19 +32,25 @@ from tqdm import tqdm
 import benchmarks as bm
 import gated_memory
 from data import DataConfig, DataError, qa_example, truncate_middle, window_examples
-from train import TrainConfig, example_loss
+from lift import TrainConfig, example_loss, resolve_dtype
+from options import add_options, from_args, option
 
 
 @dataclass
 class SFTConfig:
-    docs: int = 24                # training documents to generate (ignored with a corpus folder)
-    heldout: int = 6              # documents kept out of training, for evaluation
-    doc_tokens: int = 1200        # length of each generated document
-    questions: int = 6            # QA pairs per generated document
-    gamma: float = 1.0            # γ, weight of the answer loss
-    docs_per_step: int = 2        # documents averaged into one optimizer step
-    epochs: int = 2               # passes over the training documents
-    seed: int = 0
+    docs: int = option(24, "training documents to generate (ignored with --corpus)")
+    heldout: int = option(6, "documents kept out of training, for evaluation")
+    doc_tokens: int = option(1200, "tokens per generated document")
+    questions: int = option(6, "QA pairs per generated document")
+    gamma: float = option(1.0, "γ, weight of the answer loss")
+    docs_per_step: int = option(2, "documents averaged into one optimizer step")
+    epochs: int = option(2, "passes over the training documents")
+    seed: int = option(0, "corpus and order seed")
+
+    def __post_init__(self):
+        if min(self.docs, self.docs_per_step, self.epochs, self.questions) < 1 or self.heldout < 0:
+            raise DataError("--docs, --docs-per-step, --epochs and --questions must be at least 1; "
+                            "--heldout cannot be negative")
 
 
 def make_corpus(tok, cfg: SFTConfig, corpus_dir: str | None) -> tuple[list[dict], list[dict]]:
@@ -70,12 +78,11 @@ def document_examples(tok, doc: dict, data_cfg: DataConfig):
 def document_loss_terms(model, windows, qa, train_cfg: TrainConfig, scale: float = 0.0, gamma: float = 1.0):
     """(mean window loss, mean answer loss) of one document. With scale > 0, also accumulates the
     gradient of scale · (window term + γ · answer term), one example at a time (little memory)."""
-    device = model.tok_embeddings.weight.device
     terms = []
     for examples, weight in ((windows, 1.0), (qa, gamma)):
         total = 0.0
         for ex in examples:
-            loss = example_loss(model, ex, device, train_cfg)
+            loss = example_loss(model, ex, train_cfg)
             if scale:
                 (loss * scale * weight / len(examples)).backward()
             total += loss.item()
@@ -150,12 +157,25 @@ def run_sft(model, tok, out: Path, sft_cfg: SFTConfig, data_cfg: DataConfig, tra
     return stats
 
 
-def load_init(model, path: str, adapter_cfg) -> None:
-    """Attach the initialisation at `path`; refuse one made for another base model (fingerprint)
-    or another adapter shape than the one LIFT is about to train."""
-    from model import ConfigError
-    from checkpoint import read_adapter_file
-    cfg, _, _ = read_adapter_file(model, path, gated_memory.FORMAT)
-    if not isinstance(adapter_cfg, gated_memory.GatedMemoryConfig) or gated_memory.GatedMemoryConfig(**cfg) != adapter_cfg:
-        raise ConfigError(f"{path} is an initialisation for another adapter shape ({cfg}), not {adapter_cfg}")
-    gated_memory.load(model, path)
+def cli(argv) -> int:
+    """`python train.py sft ...`. Errors propagate to train.py's one-line handler."""
+    from checkpoint import load_model
+    p = argparse.ArgumentParser(prog="train.py sft", description="Pre-LIFT SFT: train a Gated Memory "
+                                "initialisation over many documents (window loss + γ·answer loss); resumable.")
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt, heldout.jsonl and init.safetensors")
+    p.add_argument("--corpus", default=None, help="folder of benchmark JSONL files (default: generate documents)")
+    p.add_argument("--model", default=None, help="base model (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--quiet", action="store_true")
+    add_options(p, SFTConfig)
+    add_options(p, DataConfig, only=("window", "stride", "context"))
+    add_options(p, TrainConfig, only=("lr", "dtype"))
+    args = p.parse_args(argv)
+    train_cfg = from_args(TrainConfig, args)
+    train_cfg.dtype = resolve_dtype(train_cfg.dtype, torch.device("cpu"))
+    model, tok = load_model(args.model, dtype=getattr(torch, train_cfg.dtype))
+    stats = run_sft(model, tok, Path(args.out), from_args(SFTConfig, args), from_args(DataConfig, args), train_cfg,
+                    corpus_dir=args.corpus, max_steps=args.max_steps, progress=not args.quiet)
+    print(f"SFT: {stats['documents']} documents, {stats['steps']} steps, {stats['seconds']:.0f}s; "
+          f"output in {args.out}", file=sys.stderr)
+    return 0

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import CHAT_TEMPLATE, build_tokenizer
 from checkpoint import Tokenizer
-from data import (IGNORE, DataConfig, DataError, build_epochs, contextualized_example, qa_example,
-                  read_qa_jsonl, window_spans)
+from data import (IGNORE, RECITE, DataConfig, DataError, build_epochs, contextualized_example, ct_prefix,
+                  qa_example, read_qa_jsonl, window_spans)
 
 
 def check_windows(n, length, stride):
@@ -75,9 +75,12 @@ def test_qa_example_puts_loss_on_exactly_the_answer_and_end_token(tok):
 def test_contextualized_window_has_loss_on_the_window_only(tok):
     doc = tok.encode("The quick brown fox jumps over the lazy dog. " * 30)
     cfg = DataConfig(window=32, context=40, contextualized=True)
-    ex = contextualized_example(doc, (50, 82), cfg, tok, random.Random(0))
+    prefix = ct_prefix(doc, cfg, tok, random.Random(0))
+    ex = contextualized_example(doc, (50, 82), prefix)
     assert ex.input_ids[-32:] == doc[50:82] and ex.labels[-32:] == doc[50:82]
     assert set(ex.labels[:-32]) == {IGNORE} and len(ex.input_ids) > 32 + 20
+    # the prefix holds ct_prefix (= context/2) document tokens plus the instruction, whatever the split
+    assert len(prefix) <= cfg.ct_prefix + len(tok.encode("\n...\n" + RECITE)) + 4
 
 
 def test_schedule_is_windows_first_then_windows_plus_qa_and_seeded(tok):

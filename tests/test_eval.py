@@ -88,12 +88,12 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     import eval as ev
     from checkpoint import load_model
     from data import DataConfig
-    from train import TrainConfig
+    from lift import TrainConfig
     _, tok = load_model(str(tiny_dir))
     docs = [bm.generate_facts_document(tok, 300, 2, seed=0, n_train=1)]
     out = tmp_path / "run"
     args = dict(modes=["closed", "icl", "lift", "lift+icl", "full"], adapters=["gated_memory", "lora"],
-                model_name=str(tiny_dir), data_cfg=DataConfig(window=64, context=64), max_new_tokens=4,
+                model_name=str(tiny_dir), data_cfg=DataConfig(window=64, context=64, qa_start_epoch=0), max_new_tokens=4,
                 train_cfg=TrainConfig(epochs=1, dtype="float32"), train_qa=True, lora_rank=2)
     records = ev.run(docs, out, **args)
     # 2 questions × (3 base modes + 2 lift modes × 2 adapters)
@@ -103,7 +103,7 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     assert (out / "summary.md").read_text().count("\n|") >= 7
     absorbed = [json.loads(l) for l in (out / "absorb.jsonl").read_text().splitlines()]
     assert {a["adapter"] for a in absorbed} == {"gated_memory", "lora"}
-    assert all(a["doc_loss_after"] < a["doc_loss_before"] + 1.0 and a["tokens"] > 0 for a in absorbed)
+    assert all(a["doc_loss_after"] < a["doc_loss_before"] and a["tokens"] > 0 for a in absorbed)
     assert (out / "score_by_mode.png").stat().st_size > 1000 and (out / "score_by_position.png").exists()
     lines = (out / "records.jsonl").read_text().splitlines()
     again = ev.run(docs, out, **args)                     # resumed: nothing recomputed

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 import gated_memory as gm
+from lift import load_adapter_file
 from model import ConfigError
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 19, 64, 1, 300]])
@@ -26,6 +27,21 @@ def test_gate_forced_to_zero_gives_the_base_model_exactly():
         a.force_gate = 0.0
     with torch.no_grad():
         assert torch.equal(model(IDS), base(IDS))
+
+
+def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
+    """o = (1 − g(q))·attn + g(q)·m(q), per head, with g from the gate MLP (not a forced value)."""
+    torch.manual_seed(0)
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(std=0.3)                                  # gates spread over (0, 1), m far from 0
+    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    g = torch.sigmoid(3 * (torch.einsum("bthr,hr->bth", F.silu(torch.einsum("bthd,hdr->bthr", q, mem.gate_in)),
+                                         mem.gate_out) - 0.5)).unsqueeze(-1)
+    m = torch.einsum("bthw,hwd->bthd", F.silu(torch.einsum("bthd,hdw->bthw", q, mem.mem_in)), mem.mem_out)
+    assert g.std() > 0.1 and m.abs().mean() > 0.1            # a case where both terms and g's value matter
+    assert torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-5)
 
 
 def test_gate_forced_to_one_makes_a_head_output_its_memory():
@@ -102,7 +118,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
         want = model(IDS)
     gm.save(model, str(tmp_path / "a.safetensors"), {"note": "x"})
     fresh = tiny_model()
-    extra = gm.load(fresh, str(tmp_path / "a.safetensors"))
+    extra = load_adapter_file(fresh, str(tmp_path / "a.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(IDS), want)
     assert extra == {"note": "x"}
@@ -113,7 +129,7 @@ def test_adapter_for_another_base_model_is_refused(tmp_path):
     gm.save(with_adapter(), str(tmp_path / "a.safetensors"))
     other = tiny_model(seed=1)
     with pytest.raises(ConfigError, match="another base model"):
-        gm.load(other, str(tmp_path / "a.safetensors"))
+        load_adapter_file(other, str(tmp_path / "a.safetensors"))
 
 
 def test_disabled_context_runs_the_base_model_and_restores_the_adapter():

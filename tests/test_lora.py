@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_model
 import lora
-from lift import load_adapter
+from lift import load_adapter_file
 from model import ConfigError
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
@@ -31,8 +31,8 @@ def test_lora_save_load_and_disable(tmp_path):
     assert not torch.equal(want, base(IDS))
     lora.save(model, str(tmp_path / "l.safetensors"))
     fresh = tiny_model()
-    load_adapter(fresh, str(tmp_path / "l.safetensors"))
+    load_adapter_file(fresh, str(tmp_path / "l.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(IDS), want)
     with pytest.raises(ConfigError, match="another base model"):
-        load_adapter(tiny_model(seed=3), str(tmp_path / "l.safetensors"))
+        load_adapter_file(tiny_model(seed=3), str(tmp_path / "l.safetensors"))

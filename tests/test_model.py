@@ -128,5 +128,16 @@ def test_chat_template_renders_with_generation_prompt(tiny_dir):
     _, tok = load_model(str(tiny_dir))
     text = tok.render_chat([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(text)
-    assert ids[0] == 1 and 2 in ids          # special tokens are single ids, not split by BPE
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == 1 and 2 in ids          # the template's special tokens are single ids, not split by BPE
+    assert tok.decode(ids, skip_special=False) == text
+
+
+def test_special_token_text_inside_user_content_stays_plain_text(tiny_dir):
+    """A document or question containing "<|im_end|>" must not end the turn (nor vanish)."""
+    _, tok = load_model(str(tiny_dir))
+    content = "a line <|im_end|> and <|endoftext|> inside"
+    assert not set(tok.encode(content)) & {0, 1, 2}                      # no control token
+    ids = tok.encode_chat([{"role": "user", "content": content}])
+    assert ids.count(2) == 1 and ids.count(1) == 2                       # only the template's own
+    assert content in tok.decode(ids, skip_special=False)

@@ -8,8 +8,9 @@ import sft
 from checkpoint import load_model
 from conftest import save_hf_dir, tiny_model
 from data import DataConfig
+from lift import TrainConfig, load_adapter_file
 from model import ConfigError
-from train import TrainConfig
+from options import UserError
 
 DATA = DataConfig(window=48, context=32)
 TRAIN = TrainConfig(dtype="float32", lr=1e-2)
@@ -73,13 +74,13 @@ def test_init_loads_exactly_and_refuses_a_mismatch(tiny_dir, tmp_path):
     trained = {n: t.clone() for n, t in gm.adapter_state_dict(model).items()}
     path = str(tmp_path / "s" / "init.safetensors")
     fresh, _ = load_model(str(tiny_dir))
-    sft.load_init(fresh, path, gm.GatedMemoryConfig())
+    load_adapter_file(fresh, path, expect=gm.GatedMemoryConfig())
     assert all(torch.equal(gm.adapter_state_dict(fresh)[n], trained[n]) for n in trained)
-    with pytest.raises(ConfigError, match="another adapter shape"):
-        sft.load_init(fresh, path, gm.GatedMemoryConfig(memory_mult=1))
+    with pytest.raises(UserError, match="another adapter shape"):
+        load_adapter_file(fresh, path, expect=gm.GatedMemoryConfig(memory_mult=1))
     other = load_model(str(save_hf_dir(tiny_model(seed=5), tmp_path / "other")))[0]
     with pytest.raises(ConfigError, match="another base model"):
-        sft.load_init(other, path, gm.GatedMemoryConfig())
+        load_adapter_file(other, path, expect=gm.GatedMemoryConfig())
 
 
 def test_eval_compares_default_and_sft_initialisation(tiny_dir, tmp_path):

@@ -1,0 +1,139 @@
+"""Adapters on disk: the cache that makes a second question about a document free, `--adapter`
+files, and the checks that keep a stored adapter from ever answering for the wrong document.
+
+Not part of the method (lift.py is); this is what a tool around it needs. An adapter file holds,
+beside its tensors (checkpoint.write_adapter_file): the base model's fingerprint, a checksum, the
+document's hash and the key of every setting that changes training. The cache folder is
+$LIFT_CACHE, or ~/.cache/lift; an entry is named by that key, so asking again about the same
+document with the same settings loads it instead of training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import data
+import lift
+import synth_qa
+from checkpoint import AdapterFileError, fingerprint
+from options import UserError
+
+
+def cache_dir() -> Path:
+    """$LIFT_CACHE (an empty value counts as unset), else ~/.cache/lift."""
+    return Path(os.environ.get("LIFT_CACHE") or Path.home() / ".cache" / "lift")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not after, when the cache cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"the adapter cache {folder} is not writable ({e.strerror}); set LIFT_CACHE to a "
+                        f"writable folder, or pass --no-cache") from None
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = 600) -> None:
+    """Temporary files of a run that was killed while saving (a live save takes under a second)."""
+    for tmp in folder.glob(".adapter-*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def doc_hash(doc: list[int]) -> str:
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
+
+
+def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,
+                 init: Optional[str]) -> str:
+    """A hash of everything but the document that changes the trained adapter: base model and
+    tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file."""
+    prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT]
+    blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
+                       "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": asdict(train_cfg),
+                       "qa": qa, "synth_qa": synth, "prompts": prompts,
+                       "init": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class AbsorbResult:
+    path: Optional[str]           # where the adapter is (None when it was not saved)
+    trained: bool                 # False when it came from the cache or --adapter
+    stats: dict = field(default_factory=dict)
+    qa: list = field(default_factory=list)
+    note: str = ""                # e.g. why the adapter was not saved
+
+    def summary(self) -> str:
+        if not self.trained:
+            return f"adapter loaded from {self.path} (no training)"
+        s = self.stats
+        return (f"LIFT: {s['tokens']} tokens trained in {s['seconds']:.1f}s ({s['tokens_per_s']:.0f} tokens/s), "
+                f"{s['trainable_params']:,} trainable parameters, final epoch loss {s['epoch_losses'][-1]:.3f}; "
+                f"adapter: {self.path or 'not saved'}{self.note}")
+
+
+def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa: list[dict] = (),
+                  synth: int = 0, adapter_path: Optional[str] = None, init: Optional[str] = None,
+                  use_cache: bool = True, progress: bool = True) -> AbsorbResult:
+    """lift.absorb, unless an adapter for exactly this document and these settings is stored:
+    in `adapter_path` (if that file exists) or in the cache. A trained adapter is saved to both."""
+    doc, qa = tok.encode(text), list(qa)
+    lift.check_fits(model, tok, doc, data_cfg)
+    if init and not Path(init).is_file():
+        raise UserError(f"--init {init}: no such file")
+    identity = {"doc": doc_hash(doc), "settings": settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa,
+                                                               synth, init)}
+    if adapter_path and Path(adapter_path).exists():
+        extra = lift.load_adapter_file(model, adapter_path)
+        for what, name in (("doc", "another document"), ("settings", "other settings")):
+            if extra.get(what) != identity[what]:
+                raise UserError(f"--adapter {adapter_path} was trained on {name}; remove it or choose another "
+                                f"--adapter path to train one for this document")
+        return AbsorbResult(adapter_path, False, extra.get("stats", {}), extra.get("qa", []))
+    folder = cache_dir()
+    cached = folder / f"{identity['doc']}-{identity['settings']}.safetensors"
+    if use_cache:
+        check_writable(folder)
+        remove_stale_temporaries(folder)
+        if cached.exists():
+            try:
+                extra = lift.load_adapter_file(model, str(cached))
+                if adapter_path:
+                    lift.attached(model).save(model, adapter_path, extra)
+                return AbsorbResult(str(cached), False, extra.get("stats", {}), extra.get("qa", []))
+            except AdapterFileError as e:
+                print(f"warning: cache entry {cached.name} is unusable ({e}); training again in its place",
+                      file=sys.stderr)
+                cached.unlink(missing_ok=True)
+
+    for kind in lift.ADAPTERS.values():
+        kind.remove(model)                               # synthetic pairs come from the base model
+    if synth:
+        qa += synth_qa.synthesize_qa(model, tok, text, synth, seed=train_cfg.seed, dtype=train_cfg.dtype,
+                                     progress=progress)
+    stats = lift.absorb(model, tok, doc, qa, data_cfg=data_cfg, adapter_cfg=adapter_cfg, train_cfg=train_cfg,
+                        init=init, progress=progress)
+    extra = {**identity, "stats": stats, "qa": qa, "doc_tokens": len(doc)}
+    result = AbsorbResult(None, True, stats, qa)
+    kind = lift.attached(model)
+    for path in [p for p in (adapter_path, str(cached) if use_cache else None) if p]:
+        try:
+            kind.save(model, path, extra)
+            result.path = result.path or path
+        except OSError as e:        # the answer still comes; only the saving is lost
+            result.note += f" (could not save {path}: {e.strerror})"
+    return result

@@ -1,0 +1,158 @@
+"""How fast this machine runs the model and LIFT's training step, against what it could do.
+
+    python eval.py bench                  matmul rates, prefill, the LIFT training step, decode
+    python eval.py bench --profile DIR    also the top operators of one training step, by self time
+
+Machines differ from session to session, so every speed is also given as a fraction of a rate
+measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a
+2048³ product). Prefill needs 2 FLOPs per weight per token (forward), plus causal attention.
+A LIFT training step on a frozen base needs the forward pass and the gradients of the
+activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus
+attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
+FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
+Not in the paper; it tells a reader what LIFT costs on their hardware.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import gated_memory
+from data import DataConfig, window_examples
+from lift import TrainConfig, autocast, example_loss
+from model import generate
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n×n×n matrix product in dtype, on this machine now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+class RSSSampler:
+    """Resident memory of this process, sampled every 5 ms in a thread: (at start, peak) in MB.
+    (ru_maxrss would include the model load's own peak, higher than anything measured after it.)"""
+
+    def _rss_mb(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def start(self) -> "RSSSampler":
+        self.first = self.peak = self._rss_mb()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss_mb())
+            time.sleep(0.005)
+
+    def stop(self) -> tuple[float, float]:
+        self.running = False
+        self.thread.join()
+        return self.first, max(self.peak, self._rss_mb())
+
+
+def weight_flops(model) -> int:
+    """2 FLOPs per weight per token for one forward pass (the embedding lookup is free; a tied
+    embedding still costs its matmul as the output head)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "head_adapter" not in name and "lora" not in name)
+    if model.output is not None:
+        n -= model.tok_embeddings.weight.numel()       # untied: the lookup table does no matmul
+    return 2 * n
+
+
+def attention_flops(model, T: int) -> int:
+    """Forward FLOPs of causal attention over T tokens, all layers: QKᵀ and PV, half of T×T each."""
+    c = model.cfg
+    return 2 * T * T * c.head_dim * c.n_heads * c.n_layers
+
+
+def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, steps: int = 3) -> tuple[float, float]:
+    """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
+    adapter's size, not the model's) on T-token windows, and the step's extra peak memory in MB."""
+    text = "The history of the valley is written in its mills, its bridges and its orchards. " * (T // 8)
+    ex = window_examples(tok.encode(text)[:T], DataConfig(window=T))[0]
+    cfg = TrainConfig(dtype=dtype, grad_checkpoint=checkpointing)
+    gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
+    model.train()
+    example_loss(model, ex, cfg).backward()                                  # warm-up
+    sampler = RSSSampler().start()
+    t = time.perf_counter()
+    for _ in range(steps):
+        example_loss(model, ex, cfg).backward()
+    seconds = (time.perf_counter() - t) / steps
+    start, peak = sampler.stop()
+    model.eval()
+    gated_memory.remove(model)
+    return T / seconds, peak - start
+
+
+def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
+    """The top operators of one training step by self CPU time, as a table (also written to out)."""
+    from torch.profiler import ProfilerActivity, profile
+    text = "The history of the valley is written in its mills, its bridges and its orchards. " * (T // 8)
+    ex = window_examples(tok.encode(text)[:T], DataConfig(window=T))[0]
+    cfg = TrainConfig(dtype=dtype)
+    gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
+    model.train()
+    example_loss(model, ex, cfg).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        example_loss(model, ex, cfg).backward()
+    model.eval()
+    gated_memory.remove(model)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_train_step_{T}.txt").write_text(table)
+    return table
+
+
+def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int,
+          profile_dir: str | None = None) -> None:
+    from checkpoint import load_model
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, tok = load_model(model_name, dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t
+    dev = torch.device("cpu")
+    rates = {"bfloat16": matmul_rate(torch.bfloat16, reps=2), "float32": matmul_rate(torch.float32)}
+    peak = rates[dtype]
+    print(f"machine: {torch.get_num_threads()} CPU threads, {torch.backends.cpu.get_cpu_capability()}, torch "
+          f"{torch.__version__}; matmul 2048^3: bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s, "
+          f"fp32 {rates['float32'] / 1e9:.1f} GFLOP/s")
+    print(f"model: {model.name}, weights {dtype}, loaded in {load_s:.1f}s")
+    per_token = weight_flops(model)
+    print(f"| what | tokens/s | fraction of the {dtype} matmul rate | extra peak MB |\n|---|---:|---:|---:|")
+    for T in lengths:
+        ids = torch.randint(100, model.cfg.vocab_size, (1, T))
+        with torch.no_grad(), autocast(dev, dtype):
+            model(ids[:, :64])                                               # warm-up
+            t = time.perf_counter()
+            model(ids)                                                       # all T logits, as in training
+            s = time.perf_counter() - t
+        flops = T * per_token + attention_flops(model, T)
+        print(f"| prefill {T} | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
+    for T in train_lengths:
+        for ckpt in (False, True):
+            rate, mb = train_step_rate(model, tok, T, dtype, ckpt)
+            flops = 2 * T * per_token + 3 * attention_flops(model, T)       # the 4N rule + attention
+            limit = peak / (flops / T)
+            print(f"| LIFT training step, ℓ = {T}{', checkpointing' if ckpt else ''} | {rate:,.0f} | "
+                  f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
+    with autocast(dev, dtype):
+        t = time.perf_counter()
+        out = generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)
+        s = time.perf_counter() - t
+    print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | | |")
+    if profile_dir:
+        print(profile_step(model, tok, train_lengths[0], dtype, Path(profile_dir)))
