@@ -19,9 +19,10 @@ import json
 import random
 import re
 import string
-import sys
 from collections import Counter
 from pathlib import Path
+
+from data import DataError
 
 
 # ----------------------------------------------------------------------------- metrics (SQuAD style)
@@ -60,67 +61,95 @@ def score(pred: str, refs: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- reading files
-def _warn(path, line, why):
-    print(f"warning: {path}, line {line}: skipped ({why})", file=sys.stderr)
+# Readers are strict: a malformed line is an error naming the file and the line, raised before any
+# training starts. (A skipped line, or a string "answers" scored one character at a time, would
+# make a table silently wrong.)
+class BenchmarkError(DataError):
+    pass
 
 
-def read_benchmark(path: str) -> list[dict]:
-    """Our format or LongBench's (detected per line). Malformed lines are reported and skipped.
-    Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""
-    docs: dict[str, dict] = {}
-    base = Path(path).parent
-    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+def _lines(path: str):
+    """(line number, parsed JSON object) for every non-blank line of a JSONL file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchmarkError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"cannot read {path} as UTF-8 text ({e})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            _warn(path, i, f"not JSON: {e.msg}")
-            continue
+            raise BenchmarkError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
-            _warn(path, i, "not an object")
-        elif "context" in rec:                                  # LongBench
-            if not (isinstance(rec.get("input"), str) and isinstance(rec.get("answers"), list) and rec["answers"]):
-                _warn(path, i, "LongBench record needs 'input' and a non-empty 'answers' list")
-                continue
-            doc = docs.setdefault(rec["context"], {"id": rec.get("_id", f"line{i}"), "document": rec["context"], "questions": []})
-            doc["questions"].append({"question": rec["input"], "answers": [str(a) for a in rec["answers"]]})
-        else:                                                   # ours
-            text = rec.get("document")
-            if text is None and isinstance(rec.get("document_path"), str):
-                p = (base / rec["document_path"])
-                if not p.is_file():
-                    _warn(path, i, f"document_path {rec['document_path']} not found")
-                    continue
-                text = p.read_text(encoding="utf-8")
-            qs = rec.get("questions")
-            if not isinstance(text, str) or not text.strip() or not isinstance(qs, list) or not qs:
-                _warn(path, i, "needs 'document' (or 'document_path') and a non-empty 'questions' list")
-                continue
-            good = [q for q in qs if isinstance(q, dict) and isinstance(q.get("question"), str) and q.get("answers")]
-            if len(good) != len(qs):
-                _warn(path, i, f"{len(qs) - len(good)} malformed question(s) dropped")
-            doc = {"id": str(rec.get("id", f"line{i}")), "document": text,
-                   "questions": [{**q, "answers": [str(a) for a in q["answers"]]} for q in good]}
-            docs[doc["id"] + "\0" + str(i)] = doc
+            raise BenchmarkError(f"{path}, line {i}: expected a JSON object")
+        yield i, rec
+
+
+def _question(rec: dict, where: str, q_key: str = "question") -> dict:
+    """One question, its field types checked: a non-empty question string, a non-empty list of
+    non-empty answer strings ("answer": a single string is accepted), evidence_pos in [0, 1]."""
+    q = rec.get(q_key)
+    refs = rec["answers"] if "answers" in rec else [rec.get("answer")]
+    if not isinstance(q, str) or not q.strip():
+        raise BenchmarkError(f"{where}: \"{q_key}\" must be a non-empty string")
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, (str, int, float)) and str(r).strip()
+                                                         for r in refs):
+        raise BenchmarkError(f"{where}: \"answers\" must be a non-empty list of strings (or \"answer\": a string)")
+    pos = rec.get("evidence_pos")
+    if pos is not None and (isinstance(pos, bool) or not isinstance(pos, (int, float)) or not 0 <= pos <= 1):
+        raise BenchmarkError(f"{where}: \"evidence_pos\" must be a number between 0 and 1")
+    return {**{k: v for k, v in rec.items() if k not in (q_key, "answer")}, "question": q,
+            "answers": [str(r) for r in refs]}
+
+
+def read_benchmark(path: str) -> list[dict]:
+    """Our format or LongBench's (detected per line), every line checked.
+    Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""
+    docs: dict[str, dict] = {}
+    base = Path(path).parent
+    for i, rec in _lines(path):
+        where = f"{path}, line {i}"
+        if "context" in rec:                                    # LongBench: one question per line
+            if not isinstance(rec["context"], str) or not rec["context"].strip():
+                raise BenchmarkError(f"{where}: \"context\" must be a non-empty string")
+            q = _question({k: v for k, v in rec.items() if k != "context"}, where, q_key="input")
+            doc = docs.setdefault(rec["context"], {"id": str(rec.get("_id", f"line{i}")), "document": rec["context"],
+                                                   "questions": []})
+            doc["questions"].append(q)
+            continue
+        text = rec.get("document")
+        if text is None and isinstance(rec.get("document_path"), str):
+            p = base / rec["document_path"]
+            if not p.is_file():
+                raise BenchmarkError(f"{where}: document_path {rec['document_path']} not found")
+            text = p.read_text(encoding="utf-8")
+        qs = rec.get("questions")
+        if not isinstance(text, str) or not text.strip() or not isinstance(qs, list) or not qs:
+            raise BenchmarkError(f"{where}: needs \"document\" (or \"document_path\") and a non-empty "
+                                 f"\"questions\" list")
+        if not all(isinstance(q, dict) for q in qs):
+            raise BenchmarkError(f"{where}: every question must be an object")
+        doc = {"id": str(rec.get("id", f"line{i}")), "document": text,
+               "questions": [_question(q, f"{where}, question {k + 1}") for k, q in enumerate(qs)]}
+        if isinstance(rec.get("train_questions"), list):
+            doc["train_questions"] = [_question(q, f"{where}, train question {k + 1}")
+                                      for k, q in enumerate(rec["train_questions"])]
+        if any(d["id"] == doc["id"] for d in docs.values()):
+            raise BenchmarkError(f"{where}: document id {doc['id']!r} is used twice")
+        docs[doc["id"] + "\0" + str(i)] = doc
+    if not docs:
+        raise BenchmarkError(f"{path} holds no documents")
     return list(docs.values())
 
 
 def read_questions(path: str) -> list[dict]:
-    """One question per line: {"question", "answer" or "answers", "evidence_pos"?}; bad lines are
-    reported and skipped."""
-    out = []
-    for i, line in enumerate(open(path, encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            refs = rec.get("answers") or [rec["answer"]]
-            if not isinstance(rec["question"], str) or not refs:
-                raise ValueError("empty question or answer")
-            out.append({**rec, "answers": [str(r) for r in refs]})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            _warn(path, i, f"{type(e).__name__}: {e}")
+    """One question per line: {"question", "answer" or "answers", "evidence_pos"?}, every line checked."""
+    out = [_question(rec, f"{path}, line {i}") for i, rec in _lines(path)]
+    if not out:
+        raise BenchmarkError(f"{path} holds no questions")
     return out
 
 

@@ -7,10 +7,10 @@ METHOD.md (in this repository) explains the method with the paper's equations an
 builds the training examples, gated_memory.py is the adapter. Storing adapters on disk so that a
 second question costs no training is plumbing around the method: it lives in cache.py.
 
-The loop is plain on purpose: one example at a time (batch 1, as released), autocast from a dtype
-string (CPU and CUDA alike), optional gradient checkpointing of every block, gradient clipping, a
-constant learning rate, and one optimizer step every `accumulate` examples (1 by default; 0 = the
-whole epoch, as the released code did).
+The loop is plain on purpose: `batch` examples per forward pass (1, as released, by default),
+autocast from a dtype string (CPU and CUDA alike), optional gradient checkpointing of every block,
+gradient clipping, a constant learning rate, and one optimizer step every `accumulate` batches
+(1 by default; 0 = the whole epoch, as the released code did).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     clip: float = 1.0                 # max global gradient norm
-    accumulate: int = option(1, "examples per optimizer step; 0 = the whole epoch (released code)")
+    batch: int = option(1, "examples per forward pass (padded to the longest); released: 1")
+    accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
@@ -62,6 +63,8 @@ class TrainConfig:
             raise UserError(f"--epochs {self.epochs}: at least one epoch is needed")
         if not self.lr > 0 or self.lr == float("inf"):
             raise UserError(f"--lr {self.lr}: the learning rate must be a positive finite number")
+        if self.batch < 1:
+            raise UserError(f"--batch {self.batch}: at least one example per batch")
         if self.accumulate < 0:
             raise UserError(f"--accumulate {self.accumulate}: use a positive count, or 0 for the whole epoch")
         if self.dtype not in ("auto", "bfloat16", "float32"):   # float16 would need a gradient scaler
@@ -89,24 +92,36 @@ def autocast(device: torch.device, dtype: str):
 
 
 # ----------------------------------------------------------------------------- the loss
-def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not IGNORE. Position t
-    predicts token t+1, so logits are needed only at the positions just before a labelled token
-    (every position of a window; only the answer of a QA example)."""
+def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions of a batch of examples, and
+    how many there are. Examples of unequal length are right-padded (causal attention keeps the
+    padding from reaching any real token; padded positions carry no label). Position t predicts
+    token t+1, so logits are computed only just before a labelled token: every position of a
+    window, only the answer of a QA example."""
     device = model.tok_embeddings.weight.device
-    ids = torch.tensor([ex.input_ids], device=device)                      # (1, T)
-    targets = torch.tensor(ex.labels[1:], device=device)                    # (T-1,)
-    at = (targets != IGNORE).nonzero().squeeze(1)                           # (N,) positions with a loss
+    T = max(len(ex.input_ids) for ex in examples)
+    ids = torch.tensor([ex.input_ids + [0] * (T - len(ex.input_ids)) for ex in examples], device=device)  # (B, T)
+    labels = torch.tensor([ex.labels + [IGNORE] * (T - len(ex.labels)) for ex in examples], device=device)  # (B, T)
+    targets = labels[:, 1:]                                                  # (B, T-1)
+    at = F.pad(targets != IGNORE, (0, 1))                                    # (B, T) predicting positions
     with autocast(device, cfg.dtype):
-        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (1, N, V)
-    return F.cross_entropy(logits[0].float(), targets[at])                 # fp32 softmax over V
+        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (N, V)
+    loss = F.cross_entropy(logits.float(), targets[at[:, :-1]], reduction="sum")  # fp32 softmax over V
+    return loss, logits.shape[0]
+
+
+def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
+    """Mean next-token cross-entropy over one example's labelled positions."""
+    total, n = batch_loss(model, [ex], cfg)
+    return total / n
 
 
 # ----------------------------------------------------------------------------- the AdamW loop
 def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True) -> dict:
     """Train the model's trainable tensors (the adapter) on plan = [epoch][example]. Returns stats.
-    When a step accumulates several examples, each example's mean loss is weighted by its share
-    of the step's labelled tokens, as the released code (Hugging Face Trainer) did."""
+    `batch` examples go through the model together; one optimizer step covers `accumulate`
+    batches. A step's loss is the mean over all its labelled tokens, so each example weighs by
+    its share of them, as in the released code (Hugging Face Trainer)."""
     device = model.tok_embeddings.weight.device
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,29 +132,29 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
     tokens, t0, epoch_losses = 0, time.time(), []
     bar = tqdm(total=sum(len(e) for e in plan), disable=not progress, unit="ex", dynamic_ncols=True)
     for epoch, examples in enumerate(plan):
-        per_step = cfg.accumulate or len(examples)
-        steps = [examples[i:i + per_step] for i in range(0, len(examples), per_step)]
-        loss_sum, seen = torch.zeros((), device=device), 0   # the loss is read back once per step
-        for step in steps:
-            labelled = sum(sum(l != IGNORE for l in ex.labels[1:]) for ex in step)
-            for ex in step:
-                loss = example_loss(model, ex, cfg)
-                share = sum(l != IGNORE for l in ex.labels[1:]) / labelled
-                (loss * share).backward()                  # gradients add up across the step
+        batches = [examples[i:i + cfg.batch] for i in range(0, len(examples), cfg.batch)]
+        per_step = cfg.accumulate or len(batches)
+        loss_sum, labelled_sum = torch.zeros((), device=device), 0   # the loss is read once per step
+        for s in range(0, len(batches), per_step):
+            step = batches[s:s + per_step]
+            labelled = sum(l != IGNORE for b in step for ex in b for l in ex.labels[1:])
+            for batch in step:
+                loss, n = batch_loss(model, batch, cfg)
+                (loss / labelled).backward()               # gradients add up across the step
                 loss_sum += loss.detach()
-                tokens += len(ex.input_ids)
+                tokens += sum(len(ex.input_ids) for ex in batch)
+            labelled_sum += labelled
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            seen += len(step)
-            mean = loss_sum.item() / seen
+            mean = loss_sum.item() / labelled_sum
             if mean != mean or mean == float("inf"):
                 raise TrainingError(f"the loss became {mean} in epoch {epoch + 1}; try a lower --lr. "
                                     f"Nothing was saved.")
             bar.set_description(f"epoch {epoch + 1}/{len(plan)}")
             bar.set_postfix(loss=f"{mean:.3f}")
-            bar.update(len(step))
-        epoch_losses.append(loss_sum.item() / len(examples))
+            bar.update(sum(len(b) for b in step))
+        epoch_losses.append(loss_sum.item() / labelled_sum)
         elapsed = time.time() - t0
         if progress:
             bar.write(f"epoch {epoch + 1}/{len(plan)}  loss {epoch_losses[-1]:.4f}  "
@@ -225,20 +240,28 @@ def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -
     return tok.encode_chat(question_messages(question, context_text))
 
 
+def checked_prompt(model, tok, question: str, doc: list[int], mode: str, context: int,
+                   max_new_tokens: int) -> list[int]:
+    """The prompt, or a UserError if it and the answer would not fit the model (checked before
+    training too, so that a too-long question never throws a finished training away)."""
+    if not question.strip():
+        raise UserError("empty question")
+    prompt = answer_prompt(tok, question, doc, mode, context)
+    if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
+        raise UserError(f"the prompt ({len(prompt)} tokens) and the answer ({max_new_tokens}) do not fit the "
+                        f"model's {model.cfg.max_seq_len}-token context; shorten the question or --context")
+    return prompt
+
+
 def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 512,
            max_new_tokens: int = 64, dtype: str = "float32",
            stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter
     switched off; lift and lift+icl need an adapter."""
-    if not question.strip():
-        raise UserError("empty question")
     kind = attached(model)
     if mode not in BASE_MODES and kind is None:
         raise UserError(f"mode {mode} needs an adapter: absorb the document first")
-    prompt = answer_prompt(tok, question, doc, mode, context)
-    if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
-        raise UserError(f"the prompt ({len(prompt)} tokens) and the answer ({max_new_tokens}) do not fit the "
-                        f"model's {model.cfg.max_seq_len}-token context; shorten the question or --context")
+    prompt = checked_prompt(model, tok, question, doc, mode, context, max_new_tokens)
     device = model.tok_embeddings.weight.device
     printed, out = "", []
 

@@ -267,8 +267,8 @@ class Transformer(nn.Module):
                 last_only: bool = False, grad_checkpoint: bool = False,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only,
-        or (B, N, V) at the N positions `logits_at` (the output head is a fifth of the model's
-        FLOPs: a loss over a few answer tokens should not pay for it at every position).
+        or (N, V) where the (B, T) boolean mask `logits_at` is True (the output head is a fifth
+        of the model's FLOPs: a loss over a few answer tokens should not pay for every position).
 
         grad_checkpoint: keep only each block's input during the forward pass and recompute the
         block in the backward pass (memory for compute, as LIFT's released code does)."""
@@ -287,7 +287,7 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]                                                    # (B, 1, C)
         elif logits_at is not None:
-            x = x[:, logits_at]                                              # (B, N, C)
+            x = x[logits_at]                                                 # (N, C)
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, head)                                             # (B, T, V)

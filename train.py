@@ -22,7 +22,7 @@ import torch
 from cache import absorb_cached
 from data import DataConfig, read_document, read_qa_jsonl
 from gated_memory import GatedMemoryConfig
-from lift import TrainConfig, answer, resolve_dtype
+from lift import TrainConfig, answer, checked_prompt, resolve_dtype
 from options import UserError, add_options, from_args
 
 
@@ -84,6 +84,8 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     base, tok = load_model(model, device=dev, dtype=getattr(torch, train_cfg.dtype))
     print(f"loaded {base.name} in {time.time() - t0:.1f}s on {dev} ({train_cfg.dtype})", file=sys.stderr)
     doc_ids = tok.encode(text)
+    for q in ask:                                                # before training, not after
+        checked_prompt(base, tok, q, doc_ids, mode, data_cfg.context, max_new_tokens)
     if mode != "icl":
         result = absorb_cached(base, tok, text, data_cfg=data_cfg, adapter_cfg=GatedMemoryConfig(),
                                train_cfg=train_cfg, qa=pairs, synth=synth_qa, adapter_path=adapter,

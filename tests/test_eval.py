@@ -59,29 +59,25 @@ def test_needle_sits_at_the_requested_depth(tok, depth):
     assert q["answers"][0] in d["document"][needle_at:needle_at + 80]
 
 
-def test_readers_for_our_format_and_longbench(tmp_path, capsys):
+def test_readers_for_our_format_and_longbench(tmp_path):
     (tmp_path / "doc.txt").write_text("A long text.")
     ours = tmp_path / "ours.jsonl"
     ours.write_text("\n".join([
         json.dumps({"id": "a", "document": "Doc A.", "questions": [{"question": "q1", "answers": ["x"], "evidence_pos": 0.5}]}),
-        "{oops",
-        json.dumps({"id": "b", "document_path": "doc.txt", "questions": [{"question": "q2", "answers": ["y", "z"]}]}),
-        json.dumps({"id": "c", "document": "Doc C.", "questions": []}),
+        "",
+        json.dumps({"id": "b", "document_path": "doc.txt", "questions": [{"question": "q2", "answer": "y"}],
+                    "train_questions": [{"question": "t", "answers": ["z"]}]}),
     ]) + "\n")
     docs = bm.read_benchmark(str(ours))
     assert [d["id"] for d in docs] == ["a", "b"] and docs[1]["document"] == "A long text."
-    assert docs[1]["questions"][0]["answers"] == ["y", "z"]
-    err = capsys.readouterr().err
-    assert "line 2" in err and "line 4" in err
+    assert docs[1]["questions"][0]["answers"] == ["y"] and docs[1]["train_questions"][0]["answers"] == ["z"]
     lb = tmp_path / "lb.jsonl"
     lb.write_text("\n".join([
         json.dumps({"context": "Ctx one.", "input": "Q one?", "answers": ["A1"], "_id": "p"}),
         json.dumps({"context": "Ctx one.", "input": "Q two?", "answers": ["A2", "A2b"]}),
-        json.dumps({"context": "Ctx two.", "input": "Q three?", "answers": []}),
     ]) + "\n")
     docs = bm.read_benchmark(str(lb))
     assert len(docs) == 1 and [q["question"] for q in docs[0]["questions"]] == ["Q one?", "Q two?"]
-    assert "line 3" in capsys.readouterr().err
 
 
 def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tmp_path):
@@ -135,3 +131,18 @@ def test_gate_heatmap_for_two_questions(tiny_dir, tmp_path):
     assert set(g["mean_gate"]) == {"about the document", "unrelated"}
     assert all(0 < v < 1 for v in g["mean_gate"].values()) and len(g["per_layer"]["unrelated"]) == 2
     assert (tmp_path / "g" / "gates.png").stat().st_size > 1000
+
+
+def test_in_budget_matches_the_head_and_tail_that_truncation_keeps(tok):
+    """Evidence is inside the ICL view iff its first token is among the first context/2 or the
+    last context/2 tokens that data.truncate_middle keeps."""
+    from data import truncate_middle
+    from eval import in_budget
+    n, context = 1000, 100
+    assert in_budget(None, n, context) is None
+    assert in_budget(0.3, 80, context) is True                       # the whole document fits
+    kept = [t for t in range(n) if t < 50 or t >= 950]
+    for t in range(n):
+        assert in_budget(t / n, n, context) == (t in kept), t
+    doc = list(range(40, 40 + n))                                    # check against the real truncation
+    assert len(tok.encode(truncate_middle(doc, context, tok))) > 0
