@@ -156,6 +156,24 @@ def contextualized_example(doc: list[int], span: tuple[int, int], prefix: list[i
     return Example(prefix + doc[a:b], [IGNORE] * len(prefix) + doc[a:b])
 
 
+# ----------------------------------------------------------------------------- anchors (our extension)
+ANCHORS = Path(__file__).resolve().parent / "examples"
+
+
+def anchor_examples(tok, length: int = 128) -> list[Example]:
+    """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and a
+    few general chat prompts, alternating. Not in the paper: the KL anchor (lift.anchor_loss)
+    asks the adapted model to predict them exactly as the frozen base model does, which is what
+    teaches the gate to stay shut where the document does not help. kind "anchor": every
+    position counts, labels unused."""
+    text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))
+    windows = [text[a:b] for a, b in window_spans(len(text), length, length)]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}])
+               for p in (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    mixed = [x for pair in zip(windows, prompts) for x in pair] + windows[len(prompts):]
+    return [Example(ids, ids, kind="anchor") for ids in mixed]
+
+
 # ----------------------------------------------------------------------------- QA files
 def read_qa_jsonl(path: str) -> list[dict]:
     """{"question": ..., "answer": ...} per line; a malformed line is an error naming the line."""

@@ -33,6 +33,7 @@ import lift
 import plots
 from cache import absorb_cached
 from data import DataConfig, DataError
+import gated_memory
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, resolve_dtype
 from lora import LoRAConfig
@@ -55,7 +56,8 @@ def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
 
 
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
-        train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None) -> list[dict]:
+        train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
+        general: list[dict] = ()) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     Every record carries the key of the settings that change an answer; a folder holding records
@@ -102,10 +104,12 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             with lift.attached(model).disabled(model):
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
+            extra = general_ability(model, tok, doc, ids, general, data_cfg, train_cfg.dtype, out / "general.jsonl",
+                                    adapter) if general else {}
             with (out / "absorb.jsonl").open("a") as f:
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "doc_tokens": len(ids), "trained_now": res.trained,
                                     "absorb_seconds": absorb_s, "doc_loss_before": before, "doc_loss_after": after,
-                                    **res.stats}) + "\n")
+                                    **extra, **res.stats}) + "\n")
         with rec_path.open("a") as f:
             for i, mode in tqdm(wanted, desc=f"{doc['id']} {adapter}", leave=False):
                 q = doc["questions"][i]
@@ -128,6 +132,32 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     return records
 
 
+def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], data_cfg: DataConfig, dtype: str,
+                    path: Path, adapter: str) -> dict:
+    """After LIFT on `doc`: how often the adapted model answers questions that have nothing to do
+    with the document exactly as the base model does (lift against closed, lift+icl against icl,
+    the same prompts), and, for Gated Memory, the mean gate on document questions against general
+    ones (the paper expects the first to be much higher). Records go to `path`."""
+    from gates import mean_gates
+    ask = lambda q, m: lift.answer(model, tok, q, ids, mode=m, context=data_cfg.context, max_new_tokens=24, dtype=dtype)
+    same, right = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
+    with path.open("a") as f:
+        for q in general:
+            for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
+                base, adapted = ask(q["question"], base_mode), ask(q["question"], mode)
+                same[mode].append(base == adapted)
+                right[mode].append(bm.contains(adapted, q["answers"]))
+                f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
+                                    "base": base, "adapted": adapted, "same": base == adapted}) + "\n")
+    out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
+    out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
+    if lift.attached(model) is gated_memory:
+        mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()
+        out.update(gate_document=mean(doc["questions"]), gate_general=mean(general))
+    print(json.dumps({"doc": doc["id"], "adapter": adapter, **out}), file=sys.stderr)
+    return out
+
+
 def label(r: dict) -> str:
     return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
 
@@ -146,6 +176,14 @@ def write_summary(records: list[dict], out: Path, settings: dict) -> str:
         inside = [r for r in rs if r.get("in_budget") is True]
         lines.append(f"| {name} | {len(rs)} | {mean(rs, 'contains'):.2f} | {mean(rs, 'em'):.2f} | {mean(rs, 'f1'):.2f} | "
                      f"{mean(outside, 'contains'):.2f} ({len(outside)}) | {mean(inside, 'contains'):.2f} ({len(inside)}) |")
+    absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
+    if any("general_same_lift" in a for a in absorbed):
+        lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "
+                      "| mean gate: document questions / general |", "|---|---|---:|---:|---:|"]
+        for a in (a for a in absorbed if "general_same_lift" in a):
+            gate = f"{a['gate_document']:.3f} / {a['gate_general']:.3f}" if "gate_document" in a else "–"
+            lines.append(f"| {a['adapter']} | {a['doc']} | {a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f} "
+                         f"| {a['general_contained_lift']:.2f} / {a['general_contained_lift+icl']:.2f} | {gate} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
@@ -196,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--init", default=None, help="start Gated Memory from this SFT initialisation (train.py sft)")
         r.add_argument("--train-qa", action="store_true", help="train on the documents' train_questions (AT)")
         r.add_argument("--max-new-tokens", type=int, default=48)
+        r.add_argument("--general", default=None, help="JSONL of general questions: after LIFT, how often the "
+                                                       "adapted model answers them as the base model does")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
         common(r)
 
@@ -247,8 +287,9 @@ def main(argv=None) -> int:
             else:
                 from checkpoint import load_model
                 docs = load_qa_benchmark(args, load_model(args.model)[1])
+            general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
-                args.max_new_tokens, args.train_qa, args.lora_rank, args.init)
+                args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

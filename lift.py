@@ -27,7 +27,7 @@ from tqdm import tqdm
 import gated_memory
 import lora
 from checkpoint import AdapterFileError, read_adapter_file
-from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
+from data import IGNORE, DataConfig, Example, anchor_examples, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
 from options import UserError, option
 
@@ -54,6 +54,9 @@ class TrainConfig:
     accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
+    anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension, not in the "
+                                "paper; 0 = the paper's recipe): keeps the adapted model equal to the base "
+                                "model away from the document")
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
     seed: int = option(0, "random seed: adapter initialisation, data order")
@@ -63,6 +66,8 @@ class TrainConfig:
             raise UserError(f"--epochs {self.epochs}: at least one epoch is needed")
         if not self.lr > 0 or self.lr == float("inf"):
             raise UserError(f"--lr {self.lr}: the learning rate must be a positive finite number")
+        if self.anchor < 0:
+            raise UserError(f"--anchor {self.anchor}: the weight cannot be negative")
         if self.batch < 1:
             raise UserError(f"--batch {self.batch}: at least one example per batch")
         if self.accumulate < 0:
@@ -110,6 +115,18 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     return loss, logits.shape[0]
 
 
+def anchor_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
+    """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
+    moves the next-token distribution where it should change nothing (our extension)."""
+    device = model.tok_embeddings.weight.device
+    ids = torch.tensor([ex.input_ids], device=device)                       # (1, T)
+    with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
+        base = model(ids)[0].float().log_softmax(-1)                        # (T, V), the frozen base
+    with autocast(device, cfg.dtype):
+        adapted = model(ids, grad_checkpoint=cfg.grad_checkpoint)[0].float().log_softmax(-1)  # (T, V)
+    return F.kl_div(adapted, base, log_target=True, reduction="batchmean")  # Σ p_base·(log p_base − log p_adapted) / T
+
+
 def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
     """Mean next-token cross-entropy over one example's labelled positions."""
     total, n = batch_loss(model, [ex], cfg)
@@ -117,11 +134,13 @@ def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the AdamW loop
-def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True) -> dict:
+def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True,
+                  anchors: list[Example] = ()) -> dict:
     """Train the model's trainable tensors (the adapter) on plan = [epoch][example]. Returns stats.
     `batch` examples go through the model together; one optimizer step covers `accumulate`
     batches. A step's loss is the mean over all its labelled tokens, so each example weighs by
-    its share of them, as in the released code (Hugging Face Trainer)."""
+    its share of them, as in the released code (Hugging Face Trainer). With cfg.anchor > 0 each
+    batch is followed by one of `anchors` (in turn) and cfg.anchor · KL(base ‖ adapted) on it."""
     device = model.tok_embeddings.weight.device
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,7 +148,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                             weight_decay=cfg.weight_decay)
     opt.zero_grad(set_to_none=True)                        # no gradient left over from before
     model.train()
-    tokens, t0, epoch_losses = 0, time.time(), []
+    tokens, t0, epoch_losses, anchor_at, kl_sum = 0, time.time(), [], 0, torch.zeros((), device=device)
     bar = tqdm(total=sum(len(e) for e in plan), disable=not progress, unit="ex", dynamic_ncols=True)
     for epoch, examples in enumerate(plan):
         batches = [examples[i:i + cfg.batch] for i in range(0, len(examples), cfg.batch)]
@@ -141,6 +160,10 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
             for batch in step:
                 loss, n = batch_loss(model, batch, cfg)
                 (loss / labelled).backward()               # gradients add up across the step
+                if cfg.anchor and anchors:
+                    kl = anchor_loss(model, anchors[anchor_at % len(anchors)], cfg)
+                    (cfg.anchor * kl / len(step)).backward()
+                    anchor_at, kl_sum = anchor_at + 1, kl_sum + kl.detach()
                 loss_sum += loss.detach()
                 tokens += sum(len(ex.input_ids) for ex in batch)
             labelled_sum += labelled
@@ -165,7 +188,8 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
         raise TrainingError("training diverged (the adapter's weights are not finite); try a lower --lr. "
                             "Nothing was saved.")
     elapsed = time.time() - t0
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "epoch_losses": epoch_losses}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "epoch_losses": epoch_losses,
+            "mean_anchor_kl": kl_sum.item() / anchor_at if anchor_at else None}
 
 
 # ----------------------------------------------------------------------------- absorbing a document
@@ -197,7 +221,8 @@ def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, 
     kind.attach(model, adapter_cfg, seed=train_cfg.seed)
     if init is not None:
         load_adapter_file(model, init, expect=adapter_cfg)
-    stats = train_adapter(model, plan, train_cfg, progress=progress)
+    anchors = anchor_examples(tok) if train_cfg.anchor else []
+    stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors)
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stats
 

@@ -244,3 +244,33 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
     del tok._fingerprint
     keys.append(settings_key(model, tok, data, adapter, train, [], 0, None))
     assert base not in keys and len(set(keys)) == len(keys)
+
+
+def test_anchor_kl_is_zero_for_an_adapter_equal_to_the_base_and_positive_otherwise(tiny_dir):
+    import lora
+    from data import Example
+    from lift import anchor_loss
+    model, tok = load_model(str(tiny_dir))
+    ex = Example(tok.encode(TEXT)[:40], tok.encode(TEXT)[:40], kind="anchor")
+    cfg = TrainConfig(dtype="float32")
+    lora.attach(model, lora.LoRAConfig(rank=2), seed=0)              # B = 0: exactly the base model
+    assert anchor_loss(model, ex, cfg).item() == pytest.approx(0.0, abs=1e-7)
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    lora.remove(model)
+    kl = anchor_loss(model, ex, cfg)
+    assert kl.item() > 0 and kl.requires_grad                        # g ≈ 0.047 already moves it a little
+
+
+def test_anchor_term_keeps_the_adapted_model_closer_to_the_base(tiny_dir):
+    """Same document, same seed: with --anchor the KL to the base on unrelated text ends lower."""
+    from data import anchor_examples
+    from lift import anchor_loss
+    kls = []
+    for weight in (0.0, 5.0):
+        model, tok = load_model(str(tiny_dir))
+        absorb_cached(model, tok, TEXT, train_cfg=TrainConfig(epochs=3, dtype="float32", lr=1e-2, anchor=weight),
+                      use_cache=False, progress=False, **SMALL)
+        with torch.no_grad():
+            kls.append(sum(anchor_loss(model, ex, TrainConfig(dtype="float32")).item()
+                           for ex in anchor_examples(tok, 32)[:6]))
+    assert kls[1] < kls[0] * 0.7, kls
