@@ -22,7 +22,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from data import DataError
+from data import DataError, read_jsonl
 
 
 # ----------------------------------------------------------------------------- metrics (SQuAD style)
@@ -68,26 +68,6 @@ class BenchmarkError(DataError):
     pass
 
 
-def _lines(path: str):
-    """(line number, parsed JSON object) for every non-blank line of a JSONL file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BenchmarkError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BenchmarkError(f"cannot read {path} as UTF-8 text ({e})") from None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise BenchmarkError(f"{path}, line {i}: expected a JSON object")
-        yield i, rec
-
-
 def _question(rec: dict, where: str, q_key: str = "question") -> dict:
     """One question, its field types checked: a non-empty question string, a non-empty list of
     non-empty answer strings ("answer": a single string is accepted), evidence_pos in [0, 1]."""
@@ -110,7 +90,7 @@ def read_benchmark(path: str) -> list[dict]:
     Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""
     docs: dict[str, dict] = {}
     base = Path(path).parent
-    for i, rec in _lines(path):
+    for i, rec in read_jsonl(path):
         where = f"{path}, line {i}"
         if "context" in rec:                                    # LongBench: one question per line
             if not isinstance(rec["context"], str) or not rec["context"].strip():
@@ -147,7 +127,7 @@ def read_benchmark(path: str) -> list[dict]:
 
 def read_questions(path: str) -> list[dict]:
     """One question per line: {"question", "answer" or "answers", "evidence_pos"?}, every line checked."""
-    out = [_question(rec, f"{path}, line {i}") for i, rec in _lines(path)]
+    out = [_question(rec, f"{path}, line {i}") for i, rec in read_jsonl(path)]
     if not out:
         raise BenchmarkError(f"{path} holds no questions")
     return out

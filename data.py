@@ -175,22 +175,33 @@ def anchor_examples(tok, length: int = 128) -> list[Example]:
 
 
 # ----------------------------------------------------------------------------- QA files
-def read_qa_jsonl(path: str) -> list[dict]:
-    """{"question": ..., "answer": ...} per line; a malformed line is an error naming the line."""
-    pairs = []
+def read_jsonl(path: str):
+    """(line number, JSON object) for every non-blank line of a JSONL file; an unreadable file or
+    a malformed line is a DataError naming the file and the line."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read QA file {path}: {e}") from None
-    for i, line in enumerate(lines, 1):
+        raise DataError(f"cannot read {path} as UTF-8 text ({e})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) and rec[k].strip() for k in ("question", "answer")):
-            raise DataError(f"{path}, line {i}: expected an object with non-empty \"question\" and \"answer\" strings")
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}, line {i}: expected a JSON object")
+        yield i, rec
+
+
+def read_qa_jsonl(path: str) -> list[dict]:
+    """{"question": ..., "answer": ...} per line; a malformed line is an error naming the line."""
+    pairs = []
+    for i, rec in read_jsonl(path):
+        if not all(isinstance(rec.get(k), str) and rec[k].strip() for k in ("question", "answer")):
+            raise DataError(f"{path}, line {i}: expected non-empty \"question\" and \"answer\" strings")
         pairs.append({"question": rec["question"], "answer": rec["answer"]})
     return pairs
 
