@@ -60,13 +60,37 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
                  init: Optional[str]) -> str:
     """A hash of everything but the document that changes the trained adapter: base model and
     tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file."""
-    prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT]
+    prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
+               lift.ANCHOR_REPLY_TOKENS]
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": asdict(train_cfg),
                        "qa": qa, "synth_qa": synth, "prompts": prompts,
                        "init": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def anchor_set(model, tok, dtype: str, use_cache: bool = True) -> list:
+    """The --anchor examples with the base model's replies. Writing the replies costs about a
+    minute on a CPU, so they are kept in the cache folder, one small file per base model,
+    tokenizer, anchor text and dtype; an unreadable file is simply written again."""
+    key = hashlib.sha256(json.dumps([fingerprint(model), tok.fingerprint(), data.anchor_texts_hash(),
+                                     lift.ANCHOR_REPLY_TOKENS, dtype]).encode()).hexdigest()[:20]
+    path = cache_dir() / f"anchor-replies-{key}.json"
+    try:
+        replies = json.loads(path.read_text()) if use_cache else None
+    except (OSError, ValueError):
+        replies = None
+    well_formed = (isinstance(replies, list) and len(replies) == len(data.anchor_prompts(tok))
+                   and all(isinstance(r, list) and all(isinstance(t, int) for t in r) for r in replies))
+    if not well_formed:
+        replies = lift.base_replies(model, tok, dtype, progress=True)
+        if use_cache:
+            check_writable(path.parent)
+            tmp = path.with_name(f".adapter-anchor-{os.getpid()}.tmp")   # removed if a kill leaves it
+            tmp.write_text(json.dumps(replies))
+            os.replace(tmp, path)
+    return data.anchor_examples(tok, replies)
 
 
 @dataclass
@@ -88,7 +112,7 @@ class AbsorbResult:
 
 def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa: list[dict] = (),
                   synth: int = 0, adapter_path: Optional[str] = None, init: Optional[str] = None,
-                  use_cache: bool = True, progress: bool = True) -> AbsorbResult:
+                  use_cache: bool = True, progress: bool = True, on_step=None) -> AbsorbResult:
     """lift.absorb, unless an adapter for exactly this document and these settings is stored:
     in `adapter_path` (if that file exists) or in the cache. A trained adapter is saved to both."""
     doc, qa = tok.encode(text), list(qa)
@@ -125,8 +149,9 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
     if synth:
         qa += synth_qa.synthesize_qa(model, tok, text, synth, seed=train_cfg.seed, dtype=train_cfg.dtype,
                                      progress=progress)
+    anchors = anchor_set(model, tok, train_cfg.dtype, use_cache) if train_cfg.anchor else None
     stats = lift.absorb(model, tok, doc, qa, data_cfg=data_cfg, adapter_cfg=adapter_cfg, train_cfg=train_cfg,
-                        init=init, progress=progress)
+                        init=init, progress=progress, anchors=anchors, on_step=on_step)
     extra = {**identity, "stats": stats, "qa": qa, "doc_tokens": len(doc)}
     result = AbsorbResult(None, True, stats, qa)
     kind = lift.attached(model)

@@ -38,6 +38,8 @@ def cost_point(method: str, length: int, model_name, data_cfg: DataConfig, train
     doc = bm.generate_facts_document(tok, length, 1, seed=0)
     ids = tok.encode(doc["document"])
     q = doc["questions"][0]["question"]
+    from cache import anchor_set      # the anchor's base replies are written once per model, not per document
+    anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor and method == "lift" else None
     gc.collect()
     sampler = RSSSampler().start()                          # the load's own peak is not counted
     t = time.perf_counter()
@@ -50,7 +52,7 @@ def cost_point(method: str, length: int, model_name, data_cfg: DataConfig, train
             model.cfg.max_seq_len = old
     else:
         lift.absorb(model, tok, ids, [], data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(),
-                    train_cfg=train_cfg, progress=False)
+                    train_cfg=train_cfg, progress=False, anchors=anchors)
         lift.answer(model, tok, q, ids, mode="lift+icl", context=data_cfg.context, max_new_tokens=16, dtype=train_cfg.dtype)
     seconds = time.perf_counter() - t
     start_mb, peak_mb = sampler.stop()

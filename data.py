@@ -16,6 +16,7 @@ cross_entropy(ignore_index=-100).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -139,6 +140,12 @@ def qa_example(tok, question: str, answer: str, context_text: Optional[str]) -> 
     return Example(prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids, kind="qa")
 
 
+def end_of_turn(tok) -> int:
+    """The token that closes an assistant turn in this chat template (<|im_end|> for SmolLM2)."""
+    reply = qa_example(tok, "?", "x", None)
+    return reply.input_ids[-1]
+
+
 RECITE = "\n\nGiven the context above, recite the following segment of the text.\n"
 
 
@@ -160,17 +167,34 @@ def contextualized_example(doc: list[int], span: tuple[int, int], prefix: list[i
 ANCHORS = Path(__file__).resolve().parent / "examples"
 
 
-def anchor_examples(tok, length: int = 128) -> list[Example]:
-    """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and a
-    few general chat prompts, alternating. Not in the paper: the KL anchor (lift.anchor_loss)
-    asks the adapted model to predict them exactly as the frozen base model does, which is what
-    teaches the gate to stay shut where the document does not help. kind "anchor": every
-    position counts, labels unused."""
+def anchor_prompts(tok) -> list[list[int]]:
+    """The general chat prompts of the anchor, each ending where the assistant's reply begins."""
+    lines = (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines()
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in lines if p.strip()]
+
+
+def anchor_texts_hash() -> str:
+    """Changes whenever the anchor's text changes (part of the adapter cache key)."""
+    blob = b"".join((ANCHORS / f).read_bytes() for f in ("gpl-3.0.txt", "anchor_prompts.txt"))
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int = 128) -> list[Example]:
+    """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and
+    general chat prompts, alternating; each prompt followed by the frozen base model's own reply
+    (`replies`, one per prompt, from lift.base_replies), so that the positions where the model
+    *answers* are anchored too, not only the question. Not in the paper: the KL anchor
+    (lift.anchor_loss) asks the adapted model to predict them exactly as the base model does,
+    which is what teaches the gate to stay shut where the document does not help.
+    kind "anchor": every position counts, labels unused."""
     text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))
     windows = [text[a:b] for a, b in window_spans(len(text), length, length)]
-    prompts = [tok.encode_chat([{"role": "user", "content": p}])
-               for p in (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
-    mixed = [x for pair in zip(windows, prompts) for x in pair] + windows[len(prompts):]
+    prompts = anchor_prompts(tok)
+    if replies is not None:
+        if len(replies) != len(prompts):
+            raise DataError(f"{len(replies)} anchor replies for {len(prompts)} anchor prompts")
+        prompts = [p + r for p, r in zip(prompts, replies)]
+    mixed = [x for pair in zip(windows, prompts) for x in pair] + windows[len(prompts):] + prompts[len(windows):]
     return [Example(ids, ids, kind="anchor") for ids in mixed]
 
 

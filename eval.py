@@ -57,9 +57,10 @@ def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
 
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
-        general: list[dict] = ()) -> list[dict]:
+        general: list[dict] = (), gate_trace: int = 0) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
+    gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
@@ -95,11 +96,21 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
         if any(m not in lift.BASE_MODES for _, m in wanted):
             qa = [{"question": q["question"], "answer": q["answers"][0]}
                   for q in (doc.get("train_questions") or []) if train_qa]
+            trace = None
+            if gate_trace and adapter_kind == "gated_memory":
+                from gates import GateTrace
+                trace = GateTrace(model, tok, ids, data_cfg.window, [q["question"] for q in doc["questions"]][:8],
+                                  [q["question"] for q in general][:8] or ["What is the capital of France?"],
+                                  train_cfg.dtype, every=gate_trace)
             t = time.perf_counter()
             res = absorb_cached(model, tok, doc["document"], data_cfg=data_cfg, train_cfg=train_cfg,
                                 adapter_cfg=adapter_config(adapter_kind, lora_rank), qa=qa,
-                                init=init if adapter_kind == "gated_memory" else None, progress=False)
+                                init=init if adapter_kind == "gated_memory" else None, progress=False,
+                                on_step=trace)
             absorb_s = time.perf_counter() - t
+            if trace is not None and trace.steps:
+                (out / f"gate_trace_{doc['id']}.json").write_text(json.dumps(trace.result()))
+                plots.plot_gate_trace(trace.result(), out / f"gate_trace_{doc['id']}.png")
             # How well the model knows the document's text before and after LIFT (mean window loss).
             with lift.attached(model).disabled(model):
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
@@ -132,6 +143,9 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     return records
 
 
+BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per process (they do not change)
+
+
 def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], data_cfg: DataConfig, dtype: str,
                     path: Path, adapter: str) -> dict:
     """After LIFT on `doc`: how often the adapted model answers questions that have nothing to do
@@ -140,11 +154,18 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
     ones (the paper expects the first to be much higher). Records go to `path`."""
     from gates import mean_gates
     ask = lambda q, m: lift.answer(model, tok, q, ids, mode=m, context=data_cfg.context, max_new_tokens=24, dtype=dtype)
+
+    def base_answer(q: str, m: str) -> str:
+        key = (m, q, tuple(ids) if m == "icl" else None)
+        if key not in BASE_ANSWERS:
+            BASE_ANSWERS[key] = ask(q, m)
+        return BASE_ANSWERS[key]
+
     same, right = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
     with path.open("a") as f:
         for q in general:
             for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
-                base, adapted = ask(q["question"], base_mode), ask(q["question"], mode)
+                base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode)
                 same[mode].append(base == adapted)
                 right[mode].append(bm.contains(adapted, q["answers"]))
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
@@ -224,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
         r = sub.add_parser(name, help=helptext)
         if name == "run":
             r.add_argument("--bench", required=True, help="benchmark JSONL (ours or LongBench's)")
+            r.add_argument("--docs", nargs="+", default=None, metavar="ID", help="only these documents of the benchmark")
         else:
             r.add_argument("--doc", required=True)
             r.add_argument("--qa", required=True, help="questions: JSONL with question and answer")
@@ -236,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--max-new-tokens", type=int, default=48)
         r.add_argument("--general", default=None, help="JSONL of general questions: after LIFT, how often the "
                                                        "adapted model answers them as the base model does")
+        r.add_argument("--gate-trace", type=int, default=0, metavar="N",
+                       help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
         common(r)
 
@@ -284,12 +308,17 @@ def main(argv=None) -> int:
                 raise UserError("--max-new-tokens must be at least 1")
             if args.cmd == "run":
                 docs = bm.read_benchmark(args.bench)
+                if args.docs:
+                    unknown = set(args.docs) - {d["id"] for d in docs}
+                    if unknown:
+                        raise UserError(f"--docs: no document {sorted(unknown)[0]!r} in {args.bench}")
+                    docs = [d for d in docs if d["id"] in args.docs]
             else:
                 from checkpoint import load_model
                 docs = load_qa_benchmark(args, load_model(args.model)[1])
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
-                args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general)
+                args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

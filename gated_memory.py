@@ -68,6 +68,9 @@ class GatedMemory(nn.Module):
         self.force_gate: Optional[float] = None
         self.record_gates = False
         self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
+        self.last_share: Optional[torch.Tensor] = None       # (T, H) the memory's share of the output
+        # Training, not diagnostics: a list here collects every g (with its gradient) for a penalty.
+        self.gate_log: Optional[list[torch.Tensor]] = None
 
     def gate(self, q: torch.Tensor) -> torch.Tensor:
         """g(q) in (0, 1). q: (B, T, H, D) -> (B, T, H, 1)."""
@@ -86,10 +89,15 @@ class GatedMemory(nn.Module):
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
         if self.record_gates:
             self.last_gates = g[0, :, :, 0].detach().float().cpu()            # (T, H)
+        if self.gate_log is not None:
+            self.gate_log.append(g)
         if self.force_gate == 0.0:   # exactly the base model: skip m (and its rounding) altogether
             return attn
-        out = (1 - g) * attn.float() + g * self.memory(q).float()
-        return out.to(attn.dtype)
+        kept, added = (1 - g) * attn.float(), g * self.memory(q).float()
+        if self.record_gates:        # the memory's share of the head's output: |g·m| / (|(1−g)·attn| + |g·m|)
+            a, b = kept[0].norm(dim=-1), added[0].norm(dim=-1)               # (T, H)
+            self.last_share = (b / (a + b + 1e-12)).detach().cpu()
+        return (kept + added).to(attn.dtype)
 
 
 # ----------------------------------------------------------------------------- attaching and freezing

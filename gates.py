@@ -21,22 +21,66 @@ from lift import autocast
 
 
 @torch.no_grad()
-def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
-    """Mean g per layer and head over the question's own tokens in the LIFT-mode prompt (not over
-    the chat template around it, the same for every question). -> (layers, H)"""
-    messages = question_messages(question, None)
-    ids, content = tok.encode_chat(messages), messages[0]["content"]
-    content_ids = tok.encode(content)
-    at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
-    first, last = at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
+def recorded(model, ids: list[int], dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate g and the memory's share of the output, per layer, token and head, for one input:
+    -> two (layers, T, H) tensors."""
     adapters = gated_memory.adapters(model)
     for a in adapters:
         a.record_gates = True
     with autocast(model.tok_embeddings.weight.device, dtype):
-        model(torch.tensor([ids]))
+        model(torch.tensor([ids], device=model.tok_embeddings.weight.device))
     for a in adapters:
         a.record_gates = False
-    return torch.stack([a.last_gates[first:last].mean(0) for a in adapters])
+    return torch.stack([a.last_gates for a in adapters]), torch.stack([a.last_share for a in adapters])
+
+
+def question_span(tok, question: str) -> tuple[list[int], int, int]:
+    """The LIFT-mode prompt of a question, and where the question's own tokens are in it."""
+    messages = question_messages(question, None)
+    ids, content = tok.encode_chat(messages), messages[0]["content"]
+    content_ids = tok.encode(content)
+    at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
+    return ids, at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
+
+
+class GateTrace:
+    """Called after every optimizer step (lift.train_adapter's on_step): every `every` steps it
+    records the mean gate and the memory's share of the output, per layer, on three probes that
+    never change during training: a window of the document (the middle one), the questions about
+    the document and unrelated general questions (each over the question's own tokens).
+    The paper's reading predicts a gate high on the first two and low on the third."""
+
+    def __init__(self, model, tok, doc: list[int], window: int, doc_questions: list[str],
+                 general_questions: list[str], dtype: str, every: int = 10):
+        mid = max(0, len(doc) // 2 - window // 2)
+        self.model, self.dtype, self.every = model, dtype, every
+        self.probes = {"document window": [(doc[mid:mid + window], 0, min(window, len(doc)))],
+                       "document questions": [question_span(tok, q) for q in doc_questions],
+                       "general questions": [question_span(tok, q) for q in general_questions]}
+        self.steps: list[int] = []
+        self.gate = {name: [] for name in self.probes}     # per recorded step: per-layer mean
+        self.share = {name: [] for name in self.probes}
+
+    def __call__(self, step: int) -> None:
+        if step != 1 and step % self.every:
+            return
+        self.steps.append(step)
+        for name, inputs in self.probes.items():
+            g, m = zip(*[(g[:, a:b].mean((1, 2)), m[:, a:b].mean((1, 2)))
+                         for ids, a, b in inputs for g, m in [recorded(self.model, ids, self.dtype)]])
+            self.gate[name].append(torch.stack(g).mean(0).tolist())
+            self.share[name].append(torch.stack(m).mean(0).tolist())
+
+    def result(self) -> dict:
+        return {"steps": self.steps, "gate_per_layer": self.gate, "memory_share_per_layer": self.share}
+
+
+@torch.no_grad()
+def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
+    """Mean g per layer and head over the question's own tokens in the LIFT-mode prompt (not over
+    the chat template around it, the same for every question). -> (layers, H)"""
+    ids, first, last = question_span(tok, question)
+    return recorded(model, ids, dtype)[0][:, first:last].mean(1)
 
 
 def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg) -> dict:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 import gated_memory
 import lora
 from checkpoint import AdapterFileError, read_adapter_file
-from data import IGNORE, DataConfig, Example, anchor_examples, build_epochs, question_messages, truncate_middle, window_examples
+from data import (IGNORE, DataConfig, Example, anchor_examples, anchor_prompts, build_epochs, end_of_turn,
+                  question_messages, truncate_middle, window_examples)
 from model import generate
 from options import UserError, option
 
@@ -54,9 +55,10 @@ class TrainConfig:
     accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
-    anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension, not in the "
-                                "paper; 0 = the paper's recipe): keeps the adapted model equal to the base "
-                                "model away from the document")
+    anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension; 0 = the paper's "
+                                "recipe): keeps the adapted model equal to the base away from the document")
+    gate_penalty: float = option(0.0, "weight of the mean gate g on the anchor's text (our extension; needs "
+                                      "--anchor > 0, Gated Memory only): asks the gate itself to stay shut there")
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
     seed: int = option(0, "random seed: adapter initialisation, data order")
@@ -68,6 +70,9 @@ class TrainConfig:
             raise UserError(f"--lr {self.lr}: the learning rate must be a positive finite number")
         if self.anchor < 0:
             raise UserError(f"--anchor {self.anchor}: the weight cannot be negative")
+        if self.gate_penalty < 0 or (self.gate_penalty and not self.anchor):
+            raise UserError(f"--gate-penalty {self.gate_penalty}: needs a non-negative weight and --anchor > 0 "
+                            f"(the penalty applies to the anchor's unrelated text)")
         if self.batch < 1:
             raise UserError(f"--batch {self.batch}: at least one example per batch")
         if self.accumulate < 0:
@@ -117,14 +122,25 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
 
 def anchor_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
     """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
-    moves the next-token distribution where it should change nothing (our extension)."""
+    moves the next-token distribution where it should change nothing (our extension). With
+    cfg.gate_penalty, plus that weight times the mean gate g over the example's tokens, every
+    layer and head: the gate itself is asked to stay shut there (Gated Memory only). The anchor
+    runs without checkpointing: it is short, and the gates collected must keep their gradient."""
     device = model.tok_embeddings.weight.device
     ids = torch.tensor([ex.input_ids], device=device)                       # (1, T)
     with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
         base = model(ids)[0].float().log_softmax(-1)                        # (T, V), the frozen base
+    memories = gated_memory.adapters(model) if cfg.gate_penalty else []
+    for m in memories:
+        m.gate_log = []
     with autocast(device, cfg.dtype):
-        adapted = model(ids, grad_checkpoint=cfg.grad_checkpoint)[0].float().log_softmax(-1)  # (T, V)
-    return F.kl_div(adapted, base, log_target=True, reduction="batchmean")  # Σ p_base·(log p_base − log p_adapted) / T
+        adapted = model(ids)[0].float().log_softmax(-1)                     # (T, V)
+    loss = F.kl_div(adapted, base, log_target=True, reduction="batchmean")  # Σ p_base·(log p_base − log p_adapted) / T
+    if memories:
+        loss = loss + cfg.gate_penalty * torch.cat([g.flatten() for m in memories for g in m.gate_log]).mean()
+        for m in memories:
+            m.gate_log = None
+    return loss
 
 
 def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
@@ -135,12 +151,13 @@ def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the AdamW loop
 def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True,
-                  anchors: list[Example] = ()) -> dict:
+                  anchors: list[Example] = (), on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Train the model's trainable tensors (the adapter) on plan = [epoch][example]. Returns stats.
     `batch` examples go through the model together; one optimizer step covers `accumulate`
     batches. A step's loss is the mean over all its labelled tokens, so each example weighs by
     its share of them, as in the released code (Hugging Face Trainer). With cfg.anchor > 0 each
-    batch is followed by one of `anchors` (in turn) and cfg.anchor · KL(base ‖ adapted) on it."""
+    batch is followed by one of `anchors` (in turn) and cfg.anchor · KL(base ‖ adapted) on it.
+    on_step(n) is called after the n-th optimizer step (diagnostics, e.g. gates.GateTrace)."""
     device = model.tok_embeddings.weight.device
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,7 +165,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                             weight_decay=cfg.weight_decay)
     opt.zero_grad(set_to_none=True)                        # no gradient left over from before
     model.train()
-    tokens, t0, epoch_losses, anchor_at, kl_sum = 0, time.time(), [], 0, torch.zeros((), device=device)
+    tokens, steps, t0, epoch_losses, anchor_at, kl_sum = 0, 0, time.time(), [], 0, torch.zeros((), device=device)
     bar = tqdm(total=sum(len(e) for e in plan), disable=not progress, unit="ex", dynamic_ncols=True)
     for epoch, examples in enumerate(plan):
         batches = [examples[i:i + cfg.batch] for i in range(0, len(examples), cfg.batch)]
@@ -170,6 +187,9 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
             mean = loss_sum.item() / labelled_sum
             if mean != mean or mean == float("inf"):
                 raise TrainingError(f"the loss became {mean} in epoch {epoch + 1}; try a lower --lr. "
@@ -189,7 +209,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                             "Nothing was saved.")
     elapsed = time.time() - t0
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "epoch_losses": epoch_losses,
-            "mean_anchor_kl": kl_sum.item() / anchor_at if anchor_at else None}
+            "mean_anchor_loss": kl_sum.item() / anchor_at if anchor_at else None}
 
 
 # ----------------------------------------------------------------------------- absorbing a document
@@ -209,22 +229,40 @@ def check_fits(model, tok, doc: list[int], data_cfg: DataConfig) -> None:
 
 
 def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, adapter_cfg,
-           train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True) -> dict:
+           train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True,
+           anchors: Optional[list[Example]] = None, on_step: Optional[Callable[[int], None]] = None) -> dict:
     """LIFT on one document: build the examples (§3.1 windows, §3.2 QA pairs {"question",
     "answer"}), attach a fresh adapter (or the pre-LIFT SFT initialisation `init`, §7), train it
-    with a fresh AdamW. Leaves the adapter attached to `model`; returns the training stats."""
+    with a fresh AdamW. Leaves the adapter attached; returns the training stats. anchors: the
+    --anchor examples (built here if not given; cache.py keeps their replies on disk)."""
     check_fits(model, tok, doc, data_cfg)
     plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
     kind = CONFIGS[type(adapter_cfg)]
     for other in ADAPTERS.values():
         other.remove(model)
+    if train_cfg.anchor and anchors is None:
+        anchors = anchor_examples(tok, base_replies(model, tok, train_cfg.dtype))
     kind.attach(model, adapter_cfg, seed=train_cfg.seed)
     if init is not None:
         load_adapter_file(model, init, expect=adapter_cfg)
-    anchors = anchor_examples(tok) if train_cfg.anchor else []
-    stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors)
+    stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors or [], on_step=on_step)
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stats
+
+
+ANCHOR_REPLY_TOKENS = 24
+
+
+@torch.no_grad()
+def base_replies(model, tok, dtype: str, progress: bool = False) -> list[list[int]]:
+    """The base model's own greedy reply to each anchor prompt (ending with its end-of-turn
+    token when it stopped), for the KL anchor. Any adapter is switched off."""
+    kind, out, eot = attached(model), [], end_of_turn(tok)
+    with autocast(model.tok_embeddings.weight.device, dtype), (kind.disabled(model) if kind else nullcontext()):
+        for prompt in tqdm(anchor_prompts(tok), desc="anchor replies", disable=not progress, leave=False):
+            reply = generate(model, prompt, ANCHOR_REPLY_TOKENS, stop_ids=tok.stop_ids)
+            out.append(reply + [eot] * (len(reply) < ANCHOR_REPLY_TOKENS))
+    return out
 
 
 def attached(model):

@@ -95,3 +95,23 @@ def plot_gates(maps: dict[str, torch.Tensor], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "gates.png", dpi=110)
     plt.close(fig)
+
+
+def plot_gate_trace(trace: dict, path: Path) -> None:
+    """How the gate and the memory's share of the output move during LIFT, on each probe: mean
+    over layers against the optimizer step, and per layer at the end of training."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    steps = trace["steps"]
+    for name, per_step in trace["gate_per_layer"].items():
+        g = torch.tensor(per_step)                                   # (recorded steps, layers)
+        share = torch.tensor(trace["memory_share_per_layer"][name])
+        line, = axes[0].plot(steps, g.mean(1), label=name)
+        axes[1].plot(steps, share.mean(1), color=line.get_color())
+        axes[2].plot(range(g.shape[1]), g[-1], color=line.get_color())
+    axes[0].set(xlabel="optimizer step", ylabel="mean gate g", title="gate, mean over layers")
+    axes[1].set(xlabel="optimizer step", ylabel="|g·m| / (|(1−g)·attn| + |g·m|)", title="memory's share of the output")
+    axes[2].set(xlabel="layer", ylabel="mean gate g", title=f"gate per layer after step {steps[-1]}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

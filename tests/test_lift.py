@@ -14,6 +14,7 @@ from cache import absorb_cached
 from checkpoint import load_model
 from data import DataConfig
 from lift import TrainConfig, answer, document_loss
+from options import UserError
 
 SMALL = dict(data_cfg=DataConfig(window=32, context=48), adapter_cfg=gm.GatedMemoryConfig())
 
@@ -146,7 +147,8 @@ def test_default_model_end_to_end_with_tiny_settings(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text((ROOT / "examples" / "orchard_chronicle.txt").read_text()[:1500])
     args = ["--doc", str(doc), "--ask", "Who founded Vellmora?", "--window", "128", "--context", "128",
-            "--epochs", "1", "--max-new-tokens", "12", "--quiet"]
+            "--epochs", "1", "--max-new-tokens", "12", "--quiet",
+            "--anchor", "0"]   # the anchor's 48 base replies would cost a minute; tiny-model tests cover it
     first = cli(*args, cache=tmp_path / "c")
     assert first.returncode == 0, first.stderr
     assert "tokens/s" in first.stderr and len(first.stdout.split("A: ", 1)[1].strip()) > 0
@@ -272,5 +274,87 @@ def test_anchor_term_keeps_the_adapted_model_closer_to_the_base(tiny_dir):
                       use_cache=False, progress=False, **SMALL)
         with torch.no_grad():
             kls.append(sum(anchor_loss(model, ex, TrainConfig(dtype="float32")).item()
-                           for ex in anchor_examples(tok, 32)[:6]))
+                           for ex in anchor_examples(tok, length=32)[:6]))
     assert kls[1] < kls[0] * 0.7, kls
+
+
+def test_gate_penalty_adds_the_mean_gate_on_the_anchor_and_closes_the_gate(tiny_dir):
+    """--gate-penalty λ: the anchor's loss grows by exactly λ · (mean g over its tokens, layers and
+    heads), and its gradient pushes every gate down."""
+    from data import Example
+    from gates import recorded
+    from lift import anchor_loss
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    ids = tok.encode(TEXT)[:40]
+    ex = Example(ids, ids, kind="anchor")
+    plain = anchor_loss(model, ex, TrainConfig(dtype="float32", anchor=1.0)).item()
+    penalised = anchor_loss(model, ex, TrainConfig(dtype="float32", anchor=1.0, gate_penalty=2.0))
+    mean_g = recorded(model, ids, "float32")[0].mean().item()
+    assert penalised.item() - plain == pytest.approx(2.0 * mean_g, rel=1e-4)
+    penalised.backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    opt.step()
+    assert recorded(model, ids, "float32")[0].mean().item() < mean_g
+    assert all(a.gate_log is None for a in gm.adapters(model))      # nothing collected outside the anchor
+    with pytest.raises(UserError, match="--anchor"):
+        TrainConfig(anchor=0.0, gate_penalty=1.0)
+
+
+def test_anchor_prompts_carry_the_base_models_own_reply(tiny_dir):
+    """Each anchor prompt is followed by the base model's greedy reply (and end of turn when it
+    stopped); a stored set of replies is reused, a damaged one written again."""
+    import cache
+    from data import anchor_examples, anchor_prompts, end_of_turn
+    from lift import ANCHOR_REPLY_TOKENS, base_replies
+    from model import generate
+    model, tok = load_model(str(tiny_dir))
+    replies = base_replies(model, tok, "float32")
+    prompts = anchor_prompts(tok)
+    assert len(replies) == len(prompts)
+    for p, r in list(zip(prompts, replies))[:3]:
+        expected = generate(model, p, ANCHOR_REPLY_TOKENS, stop_ids=tok.stop_ids)
+        assert r[:len(expected)] == expected and len(r) - len(expected) == (len(expected) < ANCHOR_REPLY_TOKENS)
+        assert len(r) == len(expected) or r[-1] == end_of_turn(tok)
+    examples = anchor_examples(tok, replies, length=32)
+    assert [p + r for p, r in zip(prompts, replies)][0] in [e.input_ids for e in examples]
+    with pytest.raises(UserError):
+        anchor_examples(tok, replies[:-1])
+    first = cache.anchor_set(model, tok, "float32")                 # written to the cache folder
+    stored = list(cache.cache_dir().glob("anchor-replies-*.json"))
+    assert len(stored) == 1
+    calls = []
+    real = cache.lift.base_replies
+    cache.lift.base_replies = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert [e.input_ids for e in cache.anchor_set(model, tok, "float32")] == [e.input_ids for e in first]
+        assert calls == []
+        stored[0].write_text('["not a reply"]')
+        assert [e.input_ids for e in cache.anchor_set(model, tok, "float32")] == [e.input_ids for e in first]
+        assert calls == [1]
+    finally:
+        cache.lift.base_replies = real
+
+
+def test_anchor_prompts_and_the_general_questions_do_not_overlap():
+    """The general-ability set measures what the anchor did NOT show the model."""
+    import json
+    anchor = {l.strip().lower() for l in (ROOT / "examples/anchor_prompts.txt").read_text().splitlines()}
+    general = [json.loads(l)["question"].strip().lower()
+               for l in (ROOT / "examples/general_questions.jsonl").read_text().splitlines() if l.strip()]
+    assert len(general) >= 50 and not anchor & set(general)
+
+
+def test_gate_trace_records_every_probe_per_layer(tiny_dir):
+    from gates import GateTrace
+    model, tok = load_model(str(tiny_dir))
+    ids = tok.encode(TEXT)
+    trace = GateTrace(model, tok, ids, 32, ["Who lent the crowns?"], ["What is 2 + 2?"], "float32", every=2)
+    absorb_cached(model, tok, TEXT, train_cfg=TrainConfig(epochs=1, dtype="float32", anchor=0.0),
+                  use_cache=False, progress=False, on_step=trace, **SMALL)
+    r = trace.result()
+    assert r["steps"][:3] == [1, 2, 4] and all(s == 1 or s % 2 == 0 for s in r["steps"])
+    for probe in ("document window", "document questions", "general questions"):
+        assert len(r["gate_per_layer"][probe]) == len(r["steps"])
+        assert all(len(v) == model.cfg.n_layers and all(0 < g < 1 for g in v) for v in r["gate_per_layer"][probe])
+        assert all(0 <= s <= 1 for v in r["memory_share_per_layer"][probe] for s in v)
