@@ -109,8 +109,9 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                                 on_step=trace)
             absorb_s = time.perf_counter() - t
             if trace is not None and trace.steps:
-                (out / f"gate_trace_{doc['id']}.json").write_text(json.dumps(trace.result()))
-                plots.plot_gate_trace(trace.result(), out / f"gate_trace_{doc['id']}.png")
+                traced = trace.result()
+                (out / f"gate_trace_{doc['id']}.json").write_text(json.dumps(traced))
+                plots.plot_gate_trace(traced, out / f"gate_trace_{doc['id']}.png")
             # How well the model knows the document's text before and after LIFT (mean window loss).
             with lift.attached(model).disabled(model):
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
