@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import data
+import distill
 import lift
 import synth_qa
 from checkpoint import AdapterFileError, fingerprint
@@ -61,7 +62,7 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     """A hash of everything but the document that changes the trained adapter: base model and
     tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file."""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
-               lift.ANCHOR_REPLY_TOKENS]
+               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY_TOKENS]
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": asdict(train_cfg),
                        "qa": qa, "synth_qa": synth, "prompts": prompts,
@@ -75,7 +76,7 @@ def anchor_set(model, tok, dtype: str, use_cache: bool = True) -> list:
     minute on a CPU, so they are kept in the cache folder, one small file per base model,
     tokenizer, anchor text and dtype; an unreadable file is simply written again."""
     key = hashlib.sha256(json.dumps([fingerprint(model), tok.fingerprint(), data.anchor_texts_hash(),
-                                     lift.ANCHOR_REPLY_TOKENS, dtype]).encode()).hexdigest()[:20]
+                                     distill.ANCHOR_REPLY_TOKENS, dtype]).encode()).hexdigest()[:20]
     path = cache_dir() / f"anchor-replies-{key}.json"
     try:
         replies = json.loads(path.read_text()) if use_cache else None
@@ -84,7 +85,7 @@ def anchor_set(model, tok, dtype: str, use_cache: bool = True) -> list:
     well_formed = (isinstance(replies, list) and len(replies) == len(data.anchor_prompts(tok))
                    and all(isinstance(r, list) and all(isinstance(t, int) for t in r) for r in replies))
     if not well_formed:
-        replies = lift.base_replies(model, tok, dtype, progress=True)
+        replies = distill.base_replies(model, tok, dtype, progress=True)
         if use_cache:
             check_writable(path.parent)
             tmp = path.with_name(f".adapter-anchor-{os.getpid()}.tmp")   # removed if a kill leaves it
@@ -150,8 +151,9 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
         qa += synth_qa.synthesize_qa(model, tok, text, synth, seed=train_cfg.seed, dtype=train_cfg.dtype,
                                      progress=progress)
     anchors = anchor_set(model, tok, train_cfg.dtype, use_cache) if train_cfg.anchor else None
+    distilled = distill.distill_examples(model, tok, doc, data_cfg, train_cfg.dtype, progress) if data_cfg.distill else []
     stats = lift.absorb(model, tok, doc, qa, data_cfg=data_cfg, adapter_cfg=adapter_cfg, train_cfg=train_cfg,
-                        init=init, progress=progress, anchors=anchors, on_step=on_step)
+                        init=init, progress=progress, anchors=anchors, on_step=on_step, distilled=distilled)
     extra = {**identity, "stats": stats, "qa": qa, "doc_tokens": len(doc)}
     result = AbsorbResult(None, True, stats, qa)
     kind = lift.attached(model)

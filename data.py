@@ -43,12 +43,15 @@ class DataConfig:
     contextualized: bool = option(False, "contextualized training (CT): show a head + tail prefix of the "
                                          "document and a recite instruction before each window")
     qa_start_epoch: int = option(3, "epochs on windows only before QA pairs join the mix (released: 3)")
+    distill: int = option(0, "context distillation (our extension, distill.py): up to N questions about the "
+                             "document's names, answered by the base model reading the passage; the adapted "
+                             "model learns to give that answer from the truncated context. 0 = off")
 
     def __post_init__(self):
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
-        if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0:
-            raise DataError("--context, --stride and --qa-start-epoch cannot be negative")
+        if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0 or self.distill < 0:
+            raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
 
     @property
     def step(self) -> int:
@@ -81,7 +84,10 @@ def read_document(path: str) -> str:
 class Example:
     input_ids: list[int]
     labels: list[int]             # same length; IGNORE where no loss
-    kind: str = "window"          # "window" or "qa"
+    kind: str = "window"          # "window", "qa", "anchor" or "distill"
+    # kind "distill" only (distill.py): the frozen base model's log-probabilities (N, V) at the
+    # N labelled positions, read with the evidence in context; the loss is then KL(teacher ‖ model).
+    teacher: Optional[object] = None
 
 
 # ----------------------------------------------------------------------------- windows (§3.1)
@@ -167,10 +173,14 @@ def contextualized_example(doc: list[int], span: tuple[int, int], prefix: list[i
 ANCHORS = Path(__file__).resolve().parent / "examples"
 
 
+def anchor_questions() -> list[str]:
+    """The general questions and instructions of the anchor (examples/anchor_prompts.txt)."""
+    return [p for p in (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+
+
 def anchor_prompts(tok) -> list[list[int]]:
     """The general chat prompts of the anchor, each ending where the assistant's reply begins."""
-    lines = (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines()
-    return [tok.encode_chat([{"role": "user", "content": p}]) for p in lines if p.strip()]
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in anchor_questions()]
 
 
 def anchor_texts_hash() -> str:
@@ -182,7 +192,7 @@ def anchor_texts_hash() -> str:
 def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int = 128) -> list[Example]:
     """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and
     general chat prompts, alternating; each prompt followed by the frozen base model's own reply
-    (`replies`, one per prompt, from lift.base_replies), so that the positions where the model
+    (`replies`, one per prompt, from distill.base_replies), so that the positions where the model
     *answers* are anchored too, not only the question. Not in the paper: the KL anchor
     (lift.anchor_loss) asks the adapted model to predict them exactly as the base model does,
     which is what teaches the gate to stay shut where the document does not help.
@@ -236,12 +246,14 @@ def sentences(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the mix and the schedule
-def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, tok, seed: int) -> list[list[Example]]:
+def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, tok, seed: int,
+                 distilled: list[Example] = ()) -> list[list[Example]]:
     """The released schedule: epochs on windows only, then windows + QA (if any), each epoch in a
-    seeded random order. QA examples carry the truncated document as at test time."""
-    if qa and epochs <= cfg.qa_start_epoch:
-        raise DataError(f"{len(qa)} QA pairs would never be trained on: --epochs {epochs} ends before "
-                        f"--qa-start-epoch {cfg.qa_start_epoch}; raise --epochs or lower --qa-start-epoch")
+    seeded random order. QA examples carry the truncated document as at test time. `distilled`
+    (distill.py's examples, already built) join the mix at the same epoch as the QA pairs."""
+    if (qa or distilled) and epochs <= cfg.qa_start_epoch:
+        raise DataError(f"{len(qa) + len(distilled)} question examples would never be trained on: --epochs {epochs} "
+                        f"ends before --qa-start-epoch {cfg.qa_start_epoch}; raise --epochs or lower --qa-start-epoch")
     rng = random.Random(seed)
     spans = window_spans(len(doc), cfg.window, cfg.step)
     context_text = truncate_middle(doc, cfg.context, tok)
@@ -253,8 +265,8 @@ def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, t
             items = [contextualized_example(doc, s, prefix) for s in spans]
         else:
             items = window_examples(doc, cfg)
-        if qa_examples and epoch >= cfg.qa_start_epoch:
-            items = items + qa_examples
+        if epoch >= cfg.qa_start_epoch:
+            items = items + qa_examples + list(distilled)
         rng.shuffle(items)
         plan.append(items)
     return plan

@@ -27,8 +27,7 @@ from tqdm import tqdm
 import gated_memory
 import lora
 from checkpoint import AdapterFileError, read_adapter_file
-from data import (IGNORE, DataConfig, Example, anchor_examples, anchor_prompts, build_epochs, end_of_turn,
-                  question_messages, truncate_middle, window_examples)
+from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
 from options import UserError, option
 
@@ -103,11 +102,10 @@ def autocast(device: torch.device, dtype: str):
 
 # ----------------------------------------------------------------------------- the loss
 def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled positions of a batch of examples, and
-    how many there are. Examples of unequal length are right-padded (causal attention keeps the
-    padding from reaching any real token; padded positions carry no label). Position t predicts
-    token t+1, so logits are computed only just before a labelled token: every position of a
-    window, only the answer of a QA example."""
+    """The loss summed over the labelled positions of a batch, and how many there are: next-token
+    cross-entropy, or KL(teacher ‖ model) for distill.py's examples. Examples are right-padded
+    (causal attention keeps padding away from real tokens). Position t predicts token t+1, so
+    logits are computed only before a labelled token: all of a window, a QA example's answer."""
     device = model.tok_embeddings.weight.device
     T = max(len(ex.input_ids) for ex in examples)
     ids = torch.tensor([ex.input_ids + [0] * (T - len(ex.input_ids)) for ex in examples], device=device)  # (B, T)
@@ -115,8 +113,17 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     targets = labels[:, 1:]                                                  # (B, T-1)
     at = F.pad(targets != IGNORE, (0, 1))                                    # (B, T) predicting positions
     with autocast(device, cfg.dtype):
-        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (N, V)
-    loss = F.cross_entropy(logits.float(), targets[at[:, :-1]], reduction="sum")  # fp32 softmax over V
+        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (N, V), rows in (b, t) order
+    logp = logits.float().log_softmax(-1)                                    # fp32 softmax over V
+    hard, loss, row = targets[at[:, :-1]], logp.new_zeros(()), 0              # hard: (N,) next tokens
+    for ex in examples:                                  # each example's labelled rows are contiguous
+        n = sum(l != IGNORE for l in ex.labels[1:])
+        if ex.teacher is None:                           # cross-entropy against the next token
+            loss = loss - logp[row:row + n].gather(1, hard[row:row + n, None]).sum()
+        else:                                            # distill.py: KL(teacher ‖ model), summed over rows
+            teacher = ex.teacher.to(device).float()                         # (n, V) log-probabilities
+            loss = loss + F.kl_div(logp[row:row + n], teacher, log_target=True, reduction="sum")
+        row += n
     return loss, logits.shape[0]
 
 
@@ -144,7 +151,7 @@ def anchor_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
 
 
 def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
-    """Mean next-token cross-entropy over one example's labelled positions."""
+    """Mean loss over one example's labelled positions."""
     total, n = batch_loss(model, [ex], cfg)
     return total / n
 
@@ -230,39 +237,25 @@ def check_fits(model, tok, doc: list[int], data_cfg: DataConfig) -> None:
 
 def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, adapter_cfg,
            train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True,
-           anchors: Optional[list[Example]] = None, on_step: Optional[Callable[[int], None]] = None) -> dict:
+           anchors: Optional[list[Example]] = None, on_step: Optional[Callable[[int], None]] = None,
+           distilled: list[Example] = ()) -> dict:
     """LIFT on one document: build the examples (§3.1 windows, §3.2 QA pairs {"question",
-    "answer"}), attach a fresh adapter (or the pre-LIFT SFT initialisation `init`, §7), train it
-    with a fresh AdamW. Leaves the adapter attached; returns the training stats. anchors: the
-    --anchor examples (built here if not given; cache.py keeps their replies on disk)."""
+    "answer"}; `distilled`: distill.py's examples), attach a fresh adapter (or the pre-LIFT SFT
+    initialisation `init`, §7), train it with a fresh AdamW. Leaves the adapter attached; returns
+    the training stats. anchors: the --anchor examples (cache.anchor_set builds them)."""
     check_fits(model, tok, doc, data_cfg)
-    plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed)
+    plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed, distilled=distilled)
     kind = CONFIGS[type(adapter_cfg)]
     for other in ADAPTERS.values():
         other.remove(model)
-    if train_cfg.anchor and anchors is None:
-        anchors = anchor_examples(tok, base_replies(model, tok, train_cfg.dtype))
+    if train_cfg.anchor and not anchors:
+        raise ValueError("--anchor > 0 needs the anchor examples (cache.anchor_set)")
     kind.attach(model, adapter_cfg, seed=train_cfg.seed)
     if init is not None:
         load_adapter_file(model, init, expect=adapter_cfg)
     stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors or [], on_step=on_step)
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stats
-
-
-ANCHOR_REPLY_TOKENS = 24
-
-
-@torch.no_grad()
-def base_replies(model, tok, dtype: str, progress: bool = False) -> list[list[int]]:
-    """The base model's own greedy reply to each anchor prompt (ending with its end-of-turn
-    token when it stopped), for the KL anchor. Any adapter is switched off."""
-    kind, out, eot = attached(model), [], end_of_turn(tok)
-    with autocast(model.tok_embeddings.weight.device, dtype), (kind.disabled(model) if kind else nullcontext()):
-        for prompt in tqdm(anchor_prompts(tok), desc="anchor replies", disable=not progress, leave=False):
-            reply = generate(model, prompt, ANCHOR_REPLY_TOKENS, stop_ids=tok.stop_ids)
-            out.append(reply + [eot] * (len(reply) < ANCHOR_REPLY_TOKENS))
-    return out
 
 
 def attached(model):

@@ -231,7 +231,7 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
     init = tmp_path / "init.bin"
     init.write_bytes(b"x")
     variants = [replace(data, window=33), replace(data, stride=5), replace(data, context=40),
-                replace(data, contextualized=True), replace(data, qa_start_epoch=1)]
+                replace(data, contextualized=True), replace(data, qa_start_epoch=1), replace(data, distill=4)]
     keys = [settings_key(model, tok, d, adapter, train, [], 0, None) for d in variants]
     keys += [settings_key(model, tok, data, replace(adapter, memory_mult=1), train, [], 0, None)]
     for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "seed"):
@@ -306,7 +306,7 @@ def test_anchor_prompts_carry_the_base_models_own_reply(tiny_dir):
     stopped); a stored set of replies is reused, a damaged one written again."""
     import cache
     from data import anchor_examples, anchor_prompts, end_of_turn
-    from lift import ANCHOR_REPLY_TOKENS, base_replies
+    from distill import ANCHOR_REPLY_TOKENS, base_replies
     from model import generate
     model, tok = load_model(str(tiny_dir))
     replies = base_replies(model, tok, "float32")
@@ -324,8 +324,8 @@ def test_anchor_prompts_carry_the_base_models_own_reply(tiny_dir):
     stored = list(cache.cache_dir().glob("anchor-replies-*.json"))
     assert len(stored) == 1
     calls = []
-    real = cache.lift.base_replies
-    cache.lift.base_replies = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = cache.distill.base_replies
+    cache.distill.base_replies = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         assert [e.input_ids for e in cache.anchor_set(model, tok, "float32")] == [e.input_ids for e in first]
         assert calls == []
@@ -333,7 +333,7 @@ def test_anchor_prompts_carry_the_base_models_own_reply(tiny_dir):
         assert [e.input_ids for e in cache.anchor_set(model, tok, "float32")] == [e.input_ids for e in first]
         assert calls == [1]
     finally:
-        cache.lift.base_replies = real
+        cache.distill.base_replies = real
 
 
 def test_anchor_prompts_and_the_general_questions_do_not_overlap():
