@@ -10,7 +10,7 @@ absorbed document, so the gate learns "does this look like the document?", not "
 need the document?" (README, "The method's quality"). Context distillation supplies exactly those
 examples, with a teacher that needs no labels: the frozen base model *reading the passage*.
 For each of up to N names found in the document (runs of capitalised words), we ask "What does
-the text say about <name>?", and the reply r is the document's own first sentence naming it:
+the text say about <name>?", and the reply r quotes the document's first sentence naming it:
     teacher  the base model with the passage around that sentence in its context, and its
              next-token distribution p_base(· | passage, question, r_<t) at every step of r;
     student  the adapted model with what it sees at answer time, the truncated document
@@ -21,15 +21,17 @@ Half as many unrelated questions, asked with the truncated document in context (
 base model with that same prompt), anchor the answer-time format itself: LIFT+ICL should answer
 them exactly as ICL does.
 This is the objective of "knowledge modules" / self-study cartridges, applied to LIFT's Gated
-Memory; it is not in arXiv 2502.14644. Why the reply is the document's sentence and not the
-teacher's own: asked such an open question, a 135M base model invents ("Kadunshi is a legendary
-figure in the Islamic world"), even with the passage in front of it; fed the sentence, it copies. The file sits above lift.py: cache.py calls it before
+Memory; it is not in arXiv 2502.14644. Why the reply quotes the document and is not the teacher's
+own: asked such an open question, a 135M base model invents ("Kadunshi is a legendary figure in
+the Islamic world"), even with the passage in front of it; fed the quotation, it copies. Why the
+quotation opens with "The text says:": a reply that starts where the teacher would not (straight
+with "The banner of…") gets soft targets at its first tokens, and the student, decoding greedily,
+leaves the trained path there (measured: the trained questions themselves went unanswered). The file sits above lift.py: cache.py calls it before
 lift.absorb, with no adapter attached.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 
@@ -37,13 +39,14 @@ from contextlib import nullcontext
 
 from tqdm import tqdm
 
-from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, sentences, question_messages, truncate_middle,
-                  window_spans)
+from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, qa_example,
+                  question_messages, sentences, truncate_middle)
 from lift import attached, autocast
 from model import generate
 
-REPLY_TOKENS = 32                  # the teacher's reply, at most (answers in this project are short)
+REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer
 QUESTION = "What does the text say about {}?"
+REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted'
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
 
@@ -64,57 +67,44 @@ def names(text: str) -> list[str]:
     return [n for n in seen if " " in n or n not in parts]
 
 
-def passages(doc: list[int], cfg: DataConfig, tok, limit: int) -> list[tuple[str, str, str]]:
-    """(name, passage, statement) for up to `limit` names spread evenly over the document. The
-    statement is the first sentence that names it, verbatim (the reply the student must learn);
-    the passage is the window in which that sentence sits closest to the middle."""
-    text = tok.decode(doc)
-    windows = [tok.decode(doc[a:b]) for a, b in window_spans(len(doc), cfg.window, cfg.step)]
+def statements(text: str, limit: int) -> list[tuple[str, str]]:
+    """(name, the first sentence of the text that names it) for up to `limit` names, spread
+    evenly over the text."""
     found = names(text)
     if len(found) > limit:                                   # keep names from the whole document
         found = [found[round(i * (len(found) - 1) / max(1, limit - 1))] for i in range(limit)]
-    out = []
-    for name in found:
-        statement = next((s for s in sentences(text) if name in s), None)
-        best = max(windows, key=lambda w: min(w.find(statement), len(w) - w.find(statement) - len(statement))
-                   if statement and statement in w else -1)
-        if statement and statement in best:
-            out.append((name, best, statement))
-    return out
+    told = sentences(text)
+    return [(name, next(s for s in told if name in s)) for name in found if any(name in s for s in told)]
 
 
 @torch.no_grad()
-def teacher_example(model, tok, question: str, passage: str, student_context: str, dtype: str,
-                    reply: Optional[list[int]] = None) -> Example:
-    """The base model reads `passage` and answers `question` with `reply` (its own greedy reply
-    if None); the student example is the same question with `student_context` instead of the
-    passage, the same reply, and the teacher's log-probabilities at every reply token."""
+def teacher_example(model, tok, question: str, context: str, dtype: str) -> Example:
+    """The base model's greedy reply r to `question` with `context`, and its log-probabilities at
+    every token of r: the target that keeps the adapted model's reply to that prompt the base's."""
     device = model.tok_embeddings.weight.device
-    t_prompt = tok.encode_chat(question_messages(question, passage))
+    prompt = tok.encode_chat(question_messages(question, context))
     with autocast(device, dtype):
-        if reply is None:
-            reply = generate(model, t_prompt, REPLY_TOKENS, stop_ids=tok.stop_ids)
-            reply = reply + [end_of_turn(tok)] * (len(reply) < REPLY_TOKENS)   # it stopped: learn to stop too
-        ids = torch.tensor([t_prompt + reply], device=device)                  # (1, P + R)
-        logits = model(ids)[0, len(t_prompt) - 1:-1]                            # (R, V): predicting each reply token
+        reply = generate(model, prompt, REPLY_TOKENS, stop_ids=tok.stop_ids)
+        reply = reply + [end_of_turn(tok)] * (len(reply) < REPLY_TOKENS)   # it stopped: learn to stop too
+        ids = torch.tensor([prompt + reply], device=device)                     # (1, P + R)
+        logits = model(ids)[0, len(prompt) - 1:-1]                              # (R, V): predicting each reply token
     teacher = logits.float().log_softmax(-1).to(torch.bfloat16).cpu()       # (R, V), bf16 to halve the memory
-    s_prompt = tok.encode_chat(question_messages(question, student_context))
-    return Example(s_prompt + reply, [IGNORE] * len(s_prompt) + reply, kind="distill", teacher=teacher)
+    return Example(prompt + reply, [IGNORE] * len(prompt) + reply, kind="distill", teacher=teacher)
 
 
 def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, progress: bool = False) -> list[Example]:
-    """LIFT on `doc` gets cfg.distill questions about its names (teacher: the base model reading
-    the passage) and half as many unrelated questions asked with the truncated document in
-    context, whose teacher is the base model with that same prompt: the answer-time format's own
-    anchor, so that LIFT+ICL answers what ICL would wherever the absorbed document does not help.
+    """LIFT on `doc` gets cfg.distill questions about its names, each answered by quoting the
+    document's sentence (cross-entropy, in the LIFT+ICL prompt), and half as many unrelated
+    questions asked with the truncated document in context, whose target is the base model's
+    distribution on that same prompt (KL): the answer-time format's own anchor, so that LIFT+ICL
+    answers as ICL does wherever the absorbed document does not help.
     Call with no adapter attached: the teacher is the model as it is."""
     context = truncate_middle(doc, cfg.context, tok)
-    eot = end_of_turn(tok)
-    pairs = [(QUESTION.format(name), passage, tok.encode(statement)[:REPLY_TOKENS] + [eot])
-             for name, passage, statement in passages(doc, cfg, tok, cfg.distill)]
-    pairs += [(q, context, None) for q in anchor_questions()[:max(1, cfg.distill // 2)]]
-    return [teacher_example(model, tok, question, passage, context, dtype, reply)
-            for question, passage, reply in tqdm(pairs, desc="distillation answers", disable=not progress, leave=False)]
+    named = [qa_example(tok, QUESTION.format(name), REPLY.format(statement), context)
+             for name, statement in statements(tok.decode(doc), cfg.distill)]
+    unrelated = anchor_questions()[:max(1, cfg.distill // 2)]
+    return named + [teacher_example(model, tok, q, context, dtype)
+                    for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]
 
 
 # ----------------------------------------------------------------------------- the anchor's replies
