@@ -62,7 +62,7 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     """A hash of everything but the document that changes the trained adapter: base model and
     tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file."""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
-               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY_TOKENS]
+               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": asdict(train_cfg),
                        "qa": qa, "synth_qa": synth, "prompts": prompts,

@@ -1,33 +1,29 @@
-"""What the frozen base model says, as targets for the adapter: our two extensions to LIFT.
+"""What the adapter learns beyond the document's windows: our extensions to LIFT (METHOD.md §9).
 
 1. The anchor's replies (`base_replies`): the base model's own greedy reply to each general prompt
    of the KL anchor (lift.anchor_loss), so that the adapter is asked to change nothing there.
 
-2. Context distillation (`distill_examples`, --distill N): questions *about* the document.
-LIFT's windows teach the adapter to continue the document's text, and the anchor teaches it to
-change nothing on unrelated text. Neither ever shows it a question whose answer lies in the
-absorbed document, so the gate learns "does this look like the document?", not "does this query
-need the document?" (README, "The method's quality"). Context distillation supplies exactly those
-examples, with a teacher that needs no labels: the frozen base model *reading the passage*.
-For each of up to N names found in the document (runs of capitalised words), we ask "What does
-the text say about <name>?", and the reply r quotes the document's first sentence naming it:
-    teacher  the base model with the passage around that sentence in its context, and its
-             next-token distribution p_base(· | passage, question, r_<t) at every step of r;
-    student  the adapted model with what it sees at answer time, the truncated document
-             (LIFT+ICL), the same question and the same reply; loss KL(teacher ‖ student) on r.
-Where the passage is inside the truncated context, the two prompts hold the same evidence and the
-target is "change nothing"; where it is not, the adapter must supply what the passage would have.
-Half as many unrelated questions, asked with the truncated document in context (teacher = the
-base model with that same prompt), anchor the answer-time format itself: LIFT+ICL should answer
-them exactly as ICL does.
-This is the objective of "knowledge modules" / self-study cartridges, applied to LIFT's Gated
-Memory; it is not in arXiv 2502.14644. Why the reply quotes the document and is not the teacher's
-own: asked such an open question, a 135M base model invents ("Kadunshi is a legendary figure in
-the Islamic world"), even with the passage in front of it; fed the quotation, it copies. Why the
-quotation opens with "The text says:": a reply that starts where the teacher would not (straight
-with "The banner of…") gets soft targets at its first tokens, and the student, decoding greedily,
-leaves the trained path there (measured: the trained questions themselves went unanswered). The file sits above lift.py: cache.py calls it before
-lift.absorb, with no adapter attached.
+2. Self-study questions and the answer-time anchor (`distill_examples`, --distill N).
+   LIFT's windows teach the adapter to continue the document's text, and the anchor teaches it to
+   change nothing on unrelated text. Neither shows it a question whose answer lies in the absorbed
+   document, so the gate learns "does this look like the document?", not "does this query need
+   the document?" (README, "The method's quality"). Both kinds of examples below use the LIFT+ICL
+   prompt, the truncated document then the question, exactly as at answer time:
+     - names: for up to N names in the document, "What does the text say about <name>?" answered
+       `The text says: "<the first sentence naming it>"`, with cross-entropy (auxiliary QA whose
+       pairs a rule writes, so every answer is true);
+     - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
+       greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
+       answer as ICL does wherever the absorbed document does not help.
+   Not in arXiv 2502.14644. Why not the context distillation of "knowledge modules" (a teacher,
+   the base model reading the passage, gives the target distribution): measured here, a 135M
+   teacher asked an open question invents ("Kadunshi is a legendary figure in the Islamic world")
+   even with the passage in front of it; and a teacher forced along a reply it would not write
+   itself gives soft targets at the reply's first tokens, where the student, decoding greedily,
+   leaves the trained path (the trained questions themselves went unanswered). KL is therefore
+   kept only where the reply is the teacher's own greedy path.
+
+The file sits above lift.py: cache.py calls it before lift.absorb, with no adapter attached.
 """
 from __future__ import annotations
 
@@ -41,9 +37,10 @@ from tqdm import tqdm
 
 from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, qa_example,
                   question_messages, sentences, truncate_middle)
-from lift import attached, autocast
+from lift import answer, attached, autocast
 from model import generate
 
+RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2"   # in the cache key
 REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer
 QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted'
@@ -105,6 +102,17 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
     unrelated = anchor_questions()[:max(1, cfg.distill // 2)]
     return named + [teacher_example(model, tok, q, context, dtype)
                     for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]
+
+
+def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> float:
+    """After LIFT with --distill: the share of its own name questions that the adapted model
+    answers (LIFT+ICL, greedy) with the quoted sentence. A training-fit check: a question it was
+    trained on but cannot answer shows what the adapter did *not* store."""
+    pairs = statements(tok.decode(doc), cfg.distill)
+    hits = [statement.rstrip(".") in answer(model, tok, QUESTION.format(name), doc, mode="lift+icl",
+                                            context=cfg.context, max_new_tokens=REPLY_TOKENS, dtype=dtype)
+            for name, statement in pairs]
+    return sum(hits) / max(1, len(hits))
 
 
 # ----------------------------------------------------------------------------- the anchor's replies

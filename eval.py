@@ -33,6 +33,7 @@ import lift
 import plots
 from cache import absorb_cached
 from data import DataConfig, DataError
+import distill
 import gated_memory
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, resolve_dtype
@@ -118,6 +119,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             extra = general_ability(model, tok, doc, ids, general, data_cfg, train_cfg.dtype, out / "general.jsonl",
                                     adapter) if general else {}
+            if data_cfg.distill:       # how many of its own self-study questions the adapter answers
+                extra["study_recall"] = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
             with (out / "absorb.jsonl").open("a") as f:
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "doc_tokens": len(ids), "trained_now": res.trained,
                                     "absorb_seconds": absorb_s, "doc_loss_before": before, "doc_loss_after": after,
@@ -310,8 +313,7 @@ def main(argv=None) -> int:
             if args.cmd == "run":
                 docs = bm.read_benchmark(args.bench)
                 if args.docs:
-                    unknown = set(args.docs) - {d["id"] for d in docs}
-                    if unknown:
+                    if unknown := set(args.docs) - {d["id"] for d in docs}:
                         raise UserError(f"--docs: no document {sorted(unknown)[0]!r} in {args.bench}")
                     docs = [d for d in docs if d["id"] in args.docs]
             else:
@@ -335,11 +337,9 @@ def main(argv=None) -> int:
 def generate_cmd(args) -> int:
     from checkpoint import load_model
     _, tok = load_model(args.model)
-    if args.kind == "facts":
-        docs = [bm.generate_facts_document(tok, L, args.questions, args.seed + k, args.train_questions)
-                for k, L in enumerate(args.lengths)]
-    else:
-        docs = [bm.generate_needle(tok, L, d, args.seed + k) for k, L in enumerate(args.lengths) for d in args.depths]
+    docs = ([bm.generate_facts_document(tok, L, args.questions, args.seed + k, args.train_questions)
+             for k, L in enumerate(args.lengths)] if args.kind == "facts" else
+            [bm.generate_needle(tok, L, d, args.seed + k) for k, L in enumerate(args.lengths) for d in args.depths])
     bm.write_benchmark(args.out, docs)
     print(f"wrote {len(docs)} documents to {args.out}")
     return 0

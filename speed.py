@@ -89,14 +89,24 @@ def windows(tok, T: int, n: int) -> list:
 
 
 def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1,
-                    steps: int = 3) -> tuple[float, float]:
+                    steps: int = 3, compiled: bool = False) -> tuple[float, float, float]:
     """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
-    adapter's size, not the model's) on `batch` T-token windows, and its extra peak memory in MB."""
+    adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB, and
+    the seconds of the first step. compiled: torch.compile each block first (the first step then
+    pays the compilation; blocks share one compiled graph)."""
     examples = windows(tok, T, batch)
     cfg = TrainConfig(dtype=dtype, grad_checkpoint=checkpointing, batch=batch)
     gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
+    if compiled:
+        import torch._inductor.config
+        torch._inductor.config.force_disable_caches = True   # a cold compile, as on a user's first run
+        torch._dynamo.reset()
+        for layer in model.layers:
+            layer.compile()
     model.train()
+    first = time.perf_counter()
     batch_loss(model, examples, cfg)[0].backward()                           # warm-up
+    first = time.perf_counter() - first
     sampler = RSSSampler().start()
     seconds = float("inf")
     for _ in range(steps):                       # best of a few steps, like the matmul rate
@@ -106,7 +116,9 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
     start, peak = sampler.stop()
     model.eval()
     gated_memory.remove(model)
-    return T * batch / seconds, peak - start
+    for layer in model.layers:
+        layer._compiled_call_impl = None         # back to eager (what nn.Module.compile set)
+    return T * batch / seconds, peak - start, first
 
 
 def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
@@ -152,12 +164,20 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                 s = min(s, time.perf_counter() - t)
         flops = T * per_token + attention_flops(model, T)
         print(f"| prefill {T} | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
+    eager = {}
     for T in train_lengths:
-        for batch, ckpt in ((1, False), (1, True), (4, False))[:3 if T == train_lengths[0] else 2]:
-            rate, mb = train_step_rate(model, tok, T, dtype, ckpt, batch)
+        variants = ((1, False, False), (1, True, False), (4, False, False), (1, False, True))
+        for batch, ckpt, comp in variants if T == train_lengths[0] else variants[:2] + variants[3:]:
+            rate, mb, first = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp)
             flops = 2 * T * per_token + 3 * attention_flops(model, T)       # the 4N rule + attention
             limit = peak / (flops / T)
             what = f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
+            if comp:       # compile time, and how many trained tokens it takes to pay it back
+                gain = 1 / eager[T] - 1 / rate                                  # seconds saved per token
+                what += (f", torch.compile (first step {first:.0f} s; pays back after "
+                         + (f"{(first - T / rate) / gain:,.0f} tokens)" if gain > 0 else "never)"))
+            elif batch == 1 and not ckpt:
+                eager[T] = rate
             print(f"| LIFT training step, {what} | {rate:,.0f} | "
                   f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
     with autocast(dev, dtype):

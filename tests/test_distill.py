@@ -78,3 +78,12 @@ def test_self_study_examples_join_the_schedule_with_the_qa_pairs(tiny_dir):
     examples = distill_examples(model, tok, doc, cfg, "float32")
     plan = build_epochs(doc, [], 3, cfg, tok, seed=0, distilled=examples)
     assert [sum(any(e is ex for e in epoch) for ex in examples) for epoch in plan] == [0, len(examples), len(examples)]
+
+
+def test_recall_counts_the_self_study_questions_answered_with_their_sentence(monkeypatch):
+    import distill
+    text = "the valley was quiet. The bell was cast by Ysolde Parrin. The mill belonged to Edric Hallowmere."
+    tok = type("Tok", (), {"decode": staticmethod(lambda ids: text)})()
+    said = {"Ysolde Parrin": 'The text says: "The bell was cast by Ysolde Parrin."', "Edric Hallowmere": "I do not know."}
+    monkeypatch.setattr(distill, "answer", lambda m, t, q, d, **k: next(v for n, v in said.items() if n in q))
+    assert distill.recalled(None, tok, [1], DataConfig(distill=4), "float32") == 0.5
