@@ -28,11 +28,9 @@ The file sits above lift.py: cache.py calls it before lift.absorb, with no adapt
 from __future__ import annotations
 
 import re
-
-import torch
-
 from contextlib import nullcontext
 
+import torch
 from tqdm import tqdm
 
 from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, qa_example,
@@ -43,7 +41,7 @@ from model import generate
 RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2"   # in the cache key
 REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer
 QUESTION = "What does the text say about {}?"
-REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted'
+REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
 
