@@ -43,9 +43,9 @@ class DataConfig:
     contextualized: bool = option(False, "contextualized training (CT): show a head + tail prefix of the "
                                          "document and a recite instruction before each window")
     qa_start_epoch: int = option(3, "epochs on windows only before QA pairs join the mix (released: 3)")
-    distill: int = option(0, "context distillation (our extension, distill.py): up to N questions about the "
-                             "document's names, answered by the base model reading the passage; the adapted "
-                             "model learns to give that answer from the truncated context. 0 = off")
+    distill: int = option(0, "self-study questions (our extension, distill.py): up to N questions about the "
+                             "document's names, answered by quoting its sentence, plus N/2 unrelated questions "
+                             "answered as the base model does with the document in context. 0 = off")
 
     def __post_init__(self):
         if self.window < 2:
