@@ -114,8 +114,11 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     at = F.pad(targets != IGNORE, (0, 1))                                    # (B, T) predicting positions
     with autocast(device, cfg.dtype):
         logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (N, V), rows in (b, t) order
-    logp = logits.float().log_softmax(-1)                                    # fp32 softmax over V
-    hard, loss, row = targets[at[:, :-1]], logp.new_zeros(()), 0              # hard: (N,) next tokens
+    hard = targets[at[:, :-1]]                                               # (N,) next tokens
+    if all(ex.teacher is None for ex in examples):       # the usual case: one fused call, fp32 softmax over V
+        return F.cross_entropy(logits.float(), hard, reduction="sum"), logits.shape[0]
+    logp = logits.float().log_softmax(-1)                                    # (N, V)
+    loss, row = logp.new_zeros(()), 0
     for ex in examples:                                  # each example's labelled rows are contiguous
         n = sum(l != IGNORE for l in ex.labels[1:])
         if ex.teacher is None:                           # cross-entropy against the next token

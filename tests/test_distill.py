@@ -87,3 +87,18 @@ def test_recall_counts_the_self_study_questions_answered_with_their_sentence(mon
     said = {"Ysolde Parrin": 'The text says: "The bell was cast by Ysolde Parrin."', "Edric Hallowmere": "I do not know."}
     monkeypatch.setattr(distill, "answer", lambda m, t, q, d, **k: next(v for n, v in said.items() if n in q))
     assert distill.recalled(None, tok, [1], DataConfig(distill=4), "float32") == 0.5
+
+
+def test_a_mixed_batch_sums_each_examples_own_loss(tiny_dir):
+    """Cross-entropy and KL examples in one padded batch: the loss is the sum of their own losses."""
+    from data import Example
+    model, tok = load_model(str(tiny_dir))
+    ids = tok.encode(TEXT)[:30]
+    window = Example(ids, ids)
+    taught = teacher_example(model, tok, "Name a colour.", truncate_middle(tok.encode(TEXT), 48, tok), "float32")
+    gm.attach(model, gm.GatedMemoryConfig(init_std=0.3), seed=0)
+    cfg = TrainConfig(dtype="float32")
+    together, n = batch_loss(model, [window, taught], cfg)
+    alone = [batch_loss(model, [ex], cfg) for ex in (window, taught)]
+    assert n == alone[0][1] + alone[1][1]
+    assert together.item() == pytest.approx(alone[0][0].item() + alone[1][0].item(), rel=1e-4)
