@@ -60,11 +60,13 @@ def doc_hash(doc: list[int]) -> str:
 def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,
                  init: Optional[str]) -> str:
     """A hash of everything but the document that changes the trained adapter: base model and
-    tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file."""
+    tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file. (Not
+    --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
+    train = {k: v for k, v in asdict(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
-                       "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": asdict(train_cfg),
+                       "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": train,
                        "qa": qa, "synth_qa": synth, "prompts": prompts,
                        "init": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None},
                       sort_keys=True)

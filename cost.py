@@ -24,8 +24,9 @@ import benchmarks as bm
 import gated_memory
 import lift
 import plots
+from compute import autocast
 from data import DataConfig, question_messages
-from lift import TrainConfig, autocast
+from lift import TrainConfig
 from model import generate
 from options import add_options, from_args
 from speed import RSSSampler

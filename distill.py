@@ -33,9 +33,10 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from compute import autocast
 from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, qa_example,
                   question_messages, sentences, truncate_middle)
-from lift import answer, attached, autocast
+from lift import answer, attached
 from model import generate
 
 RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2"   # in the cache key

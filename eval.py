@@ -32,11 +32,12 @@ import benchmarks as bm
 import lift
 import plots
 from cache import absorb_cached
+from compute import resolve_dtype
 from data import DataConfig, DataError
 import distill
 import gated_memory
 from gated_memory import GatedMemoryConfig
-from lift import TrainConfig, resolve_dtype
+from lift import TrainConfig
 from lora import LoRAConfig
 from options import UserError, add_options, from_args
 

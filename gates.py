@@ -16,8 +16,8 @@ import torch
 import gated_memory
 import plots
 from cache import absorb_cached
+from compute import autocast
 from data import question_messages, read_document
-from lift import autocast
 
 
 @torch.no_grad()

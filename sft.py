@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 import benchmarks as bm
 import gated_memory
+from compute import resolve_dtype
 from data import DataConfig, DataError, qa_example, truncate_middle, window_examples
-from lift import TrainConfig, example_loss, resolve_dtype
+from lift import TrainConfig, example_loss
 from options import add_options, from_args, option
 
 

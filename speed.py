@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import gated_memory
+from compute import autocast, compiled_blocks
 from data import DataConfig, window_examples
-from lift import TrainConfig, autocast, batch_loss
+from lift import TrainConfig, batch_loss
 from model import generate
 
 
@@ -101,23 +102,20 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
         import torch._inductor.config
         torch._inductor.config.force_disable_caches = True   # a cold compile, as on a user's first run
         torch._dynamo.reset()
-        for layer in model.layers:
-            layer.compile()
     model.train()
-    first = time.perf_counter()
-    batch_loss(model, examples, cfg)[0].backward()                           # warm-up
-    first = time.perf_counter() - first
-    sampler = RSSSampler().start()
-    seconds = float("inf")
-    for _ in range(steps):                       # best of a few steps, like the matmul rate
-        t = time.perf_counter()
-        batch_loss(model, examples, cfg)[0].backward()
-        seconds = min(seconds, time.perf_counter() - t)
-    start, peak = sampler.stop()
+    with compiled_blocks(model, compiled):       # what --compile does in lift.train_adapter
+        first = time.perf_counter()
+        batch_loss(model, examples, cfg)[0].backward()                       # warm-up
+        first = time.perf_counter() - first
+        sampler = RSSSampler().start()
+        seconds = float("inf")
+        for _ in range(steps):                   # best of a few steps, like the matmul rate
+            t = time.perf_counter()
+            batch_loss(model, examples, cfg)[0].backward()
+            seconds = min(seconds, time.perf_counter() - t)
+        start, peak = sampler.stop()
     model.eval()
     gated_memory.remove(model)
-    for layer in model.layers:
-        layer._compiled_call_impl = None         # back to eager (what nn.Module.compile set)
     return T * batch / seconds, peak - start, first
 
 

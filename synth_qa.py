@@ -14,8 +14,8 @@ import random
 import re
 from typing import Optional
 
+from compute import autocast
 from data import sentences
-from lift import autocast
 from model import generate
 
 SYNTH_PROMPT = ("Read the passage and write one question that it answers.\n\nPassage:\n{passage}\n\n"

@@ -20,9 +20,10 @@ import time
 import torch
 
 from cache import absorb_cached
+from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
 from gated_memory import GatedMemoryConfig
-from lift import TrainConfig, answer, checked_prompt, resolve_dtype
+from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args
 
 

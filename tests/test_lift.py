@@ -188,6 +188,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
     assert all(torch.allclose(got[0][n], got[1][n], atol=1e-6) for n in got[0])
 
 
+def test_compiled_training_learns_what_eager_training_learns_and_leaves_the_blocks_eager(tiny_dir):
+    """--compile is speed only: the same adapter (up to fused-kernel rounding), and afterwards the
+    blocks run eagerly again (generation would otherwise recompile for every cached step)."""
+    from data import Example
+    from lift import train_adapter
+    model, tok = load_model(str(tiny_dir))
+    ids = tok.encode(TEXT)
+    plan = [[Example(ids[:32], ids[:32]), Example(ids[8:40], ids[8:40])]] * 2
+    trained = []
+    for flag in (False, True):
+        gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+        start = {n: p.detach().clone() for n, p in gm.trainable_parameters(model).items()}
+        train_adapter(model, plan, TrainConfig(dtype="float32", compile=flag), progress=False)
+        trained.append({n: p.detach().clone() for n, p in gm.trainable_parameters(model).items()})
+        gm.remove(model)
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
+    assert any(not torch.allclose(trained[0][n], start[n], atol=1e-4) for n in start)      # it did learn
+    assert all(torch.allclose(trained[0][n], trained[1][n], atol=1e-5) for n in trained[0]), \
+        max((trained[0][n] - trained[1][n]).abs().max().item() for n in trained[0])
+
+
 def test_one_step_per_epoch_uses_the_token_weighted_mean_of_the_examples_gradients(tiny_dir):
     """accumulate=0 (released): one step whose gradient is Σ_k (n_k / Σn) ∇L_k, n_k = labelled tokens of
     example k; compared with the gradients of the examples taken one by one."""
@@ -228,6 +249,7 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
     data, adapter, train = DataConfig(window=32, context=48), gm.GatedMemoryConfig(), TrainConfig(dtype="float32")
     base = settings_key(model, tok, data, adapter, train, [], 0, None)
     assert base == settings_key(model, tok, data, adapter, train, [], 0, None)
+    assert base == settings_key(model, tok, data, adapter, replace(train, compile=True), [], 0, None)  # speed only
     init = tmp_path / "init.bin"
     init.write_bytes(b"x")
     variants = [replace(data, window=33), replace(data, stride=5), replace(data, context=40),
