@@ -30,16 +30,31 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
+BUCKET = 64     # under --compile, sequences are right-padded to a multiple of this many tokens
+
+
+def bucketed(T: int, compiled: bool) -> int:
+    """The length to pad a T-token sequence to. Eager: T itself. Compiled: the next multiple of
+    BUCKET, so that a run meets a handful of shapes (windows, anchors, QA examples), each compiled
+    once for its exact size, rather than one graph per length or a slower size-generic graph."""
+    return -(-T // BUCKET) * BUCKET if compiled else T
+
+
 @contextmanager
 def compiled_blocks(model, on: bool = True):
     """Inside the block, every transformer block of `model` runs through torch.compile (all blocks
-    share one compiled graph: same code, same shapes); on leaving, they run eagerly again, since
+    share one compiled graph per shape: same code); on leaving, they run eagerly again, since
     generation's one-token steps with a KV cache would only trigger more compilations. The first
-    call waits for the compiler (tens of seconds on a CPU); later calls fuse the elementwise work
-    between the matrix products (norms, rotary embedding, SiLU, the adapter's gate)."""
+    call of each shape waits for the compiler (tens of seconds on a CPU); later calls fuse the
+    elementwise work between the matrix products (norms, rotary embedding, SiLU, the adapter's
+    gate). Callers pad their inputs with `bucketed` to keep the number of shapes small."""
     if on:
+        import torch._dynamo.config
+        # a shape is a graph for training, one for the frozen base (no gradient), one for the
+        # first block (its input needs no gradient); a few buckets of each fit under 32
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for layer in model.layers:
-            layer.compile()                          # nn.Module.compile: wraps this module's __call__
+            layer.compile(dynamic=False)             # nn.Module.compile: wraps this module's __call__
     try:
         yield
     finally:

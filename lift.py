@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import gated_memory
 import lora
-from compute import autocast, compiled_blocks
+from compute import autocast, bucketed, compiled_blocks
 from checkpoint import AdapterFileError, read_adapter_file
 from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
@@ -91,7 +91,7 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     (causal attention keeps padding away from real tokens). Position t predicts token t+1, so
     logits are computed only before a labelled token: all of a window, a QA example's answer."""
     device = model.tok_embeddings.weight.device
-    T = max(len(ex.input_ids) for ex in examples)
+    T = bucketed(max(len(ex.input_ids) for ex in examples), cfg.compile)     # the longest, or its bucket
     ids = torch.tensor([ex.input_ids + [0] * (T - len(ex.input_ids)) for ex in examples], device=device)  # (B, T)
     labels = torch.tensor([ex.labels + [IGNORE] * (T - len(ex.labels)) for ex in examples], device=device)  # (B, T)
     targets = labels[:, 1:]                                                  # (B, T-1)
@@ -121,17 +121,19 @@ def anchor_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
     layer and head: the gate itself is asked to stay shut there (Gated Memory only). The anchor
     runs without checkpointing: it is short, and the gates collected must keep their gradient."""
     device = model.tok_embeddings.weight.device
-    ids = torch.tensor([ex.input_ids], device=device)                       # (1, T)
+    T = len(ex.input_ids)
+    pad = [0] * (bucketed(T, cfg.compile) - T)                               # causal: padding after T changes nothing
+    ids = torch.tensor([ex.input_ids + pad], device=device)                 # (1, T + padding)
     with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
-        base = model(ids)[0].float().log_softmax(-1)                        # (T, V), the frozen base
+        base = model(ids)[0, :T].float().log_softmax(-1)                    # (T, V), the frozen base
     memories = gated_memory.adapters(model) if cfg.gate_penalty else []
     for m in memories:
         m.gate_log = []
     with autocast(device, cfg.dtype):
-        adapted = model(ids)[0].float().log_softmax(-1)                     # (T, V)
+        adapted = model(ids)[0, :T].float().log_softmax(-1)                 # (T, V)
     loss = F.kl_div(adapted, base, log_target=True, reduction="batchmean")  # Σ p_base·(log p_base − log p_adapted) / T
     if memories:
-        loss = loss + cfg.gate_penalty * torch.cat([g.flatten() for m in memories for g in m.gate_log]).mean()
+        loss = loss + cfg.gate_penalty * torch.cat([g[:, :T].flatten() for m in memories for g in m.gate_log]).mean()
         for m in memories:
             m.gate_log = None
     return loss

@@ -10,6 +10,8 @@ A LIFT training step on a frozen base needs the forward pass and the gradients o
 activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus
 attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
 FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
+The "default loop step" rows time what a LIFT run actually does per window, by part: the window,
+the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
 Not in the paper; it tells a reader what LIFT costs on their hardware.
 """
 from __future__ import annotations
@@ -119,6 +121,47 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
     return T * batch / seconds, peak - start, first
 
 
+def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) -> list[str]:
+    """Seconds per step of the default loop on the example document, by part: the window's forward
+    and backward, the anchor's KL (the frozen base's forward, the adapted forward and backward on
+    an unrelated example, lift.anchor_loss), the clip and AdamW step; eager, then with
+    --compile. The mean over `steps` steps after `warmup` (the compiler works in those)."""
+    import cache
+    from compute import compiled_blocks
+    from data import read_document
+    from lift import anchor_loss
+    doc = tok.encode(read_document(str(Path(__file__).parent / "examples" / "orchard_chronicle.txt")))
+    wins = window_examples(doc, DataConfig())[:warmup + steps]
+    anchors = cache.anchor_set(model, tok, dtype)
+    gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+    rows = []
+    for comp in (False, True):
+        cfg = TrainConfig(dtype=dtype, compile=comp)
+        with compiled_blocks(model, comp):
+            parts = torch.zeros(3)
+            for i, w in enumerate(wins):
+                t0 = time.perf_counter()
+                loss, n = batch_loss(model, [w], cfg)
+                (loss / n).backward()
+                t1 = time.perf_counter()
+                anchor_loss(model, anchors[i % len(anchors)], cfg).backward()
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= warmup:
+                    parts += torch.tensor([t1 - t0, t2 - t1, time.perf_counter() - t2]) / steps
+        window, anchor, step = parts.tolist()
+        rows.append(f"| default loop step{', --compile' if comp else ''}: window {window:.2f} s + anchor "
+                    f"{anchor:.2f} s + optimizer {step:.2f} s | {len(wins[0].input_ids) / parts.sum():,.0f} | | |")
+    model.eval()
+    gated_memory.remove(model)
+    return rows
+
+
 def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
     """The top operators of one training step by self CPU time, as a table (also written to out)."""
     from torch.profiler import ProfilerActivity, profile
@@ -178,6 +221,8 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                 eager[T] = rate
             print(f"| LIFT training step, {what} | {rate:,.0f} | "
                   f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
+    for row in default_loop_parts(model, tok, dtype):   # what a LIFT run's steps cost, anchor included
+        print(row)
     with autocast(dev, dtype):
         t = time.perf_counter()
         out = generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)

@@ -99,9 +99,10 @@ def doc(tmp_path):
     return p
 
 
-def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path):
+@pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"]])
+def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, adapter):
     args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
-            "--context", "48", "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "4", "--quiet"]
+            "--context", "48", "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "4", "--quiet", *adapter]
     first = cli(*args, cache=tmp_path / "c")
     assert first.returncode == 0, first.stderr
     assert "Q: What came?" in first.stdout and "\nA: " in first.stdout and "tokens/s" in first.stderr
@@ -119,6 +120,7 @@ def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path):
     ("badqa", [], "line 2"),
     ("ok", ["--lr", "inf"], "learning rate"),
     ("ok", ["--init", "no-such-init.safetensors"], "no such file"),
+    ("ok", ["--lora-rank", "-1"], "cannot be negative"),
 ])
 def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
     doc = tmp_path / "d.txt"
@@ -189,8 +191,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
 
 
 def test_compiled_training_learns_what_eager_training_learns_and_leaves_the_blocks_eager(tiny_dir):
-    """--compile is speed only: the same adapter (up to fused-kernel rounding), and afterwards the
-    blocks run eagerly again (generation would otherwise recompile for every cached step)."""
+    """--compile is speed only: the same adapter (up to fused-kernel rounding; windows, anchor and gate
+    penalty on sequences padded to a bucket), and afterwards the blocks run eagerly again
+    (generation would otherwise recompile for every cached step)."""
     from data import Example
     from lift import train_adapter
     model, tok = load_model(str(tiny_dir))
@@ -200,7 +203,8 @@ def test_compiled_training_learns_what_eager_training_learns_and_leaves_the_bloc
     for flag in (False, True):
         gm.attach(model, gm.GatedMemoryConfig(), seed=0)
         start = {n: p.detach().clone() for n, p in gm.trainable_parameters(model).items()}
-        train_adapter(model, plan, TrainConfig(dtype="float32", compile=flag), progress=False)
+        train_adapter(model, plan, TrainConfig(dtype="float32", compile=flag, gate_penalty=0.1), progress=False,
+                      anchors=[Example(ids[3:23], ids[3:23])])     # compiled, sequences are padded to 64
         trained.append({n: p.detach().clone() for n, p in gm.trainable_parameters(model).items()})
         gm.remove(model)
     assert all(layer._compiled_call_impl is None for layer in model.layers)
