@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import gated_memory
 import lora
-from compute import autocast, bucketed, compiled_blocks
 from checkpoint import AdapterFileError, read_adapter_file
+from compute import autocast, bucketed, compiled_blocks
 from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
 from options import UserError, option
@@ -61,9 +61,9 @@ class TrainConfig:
                                       "--anchor > 0, Gated Memory only): asks the gate itself to stay shut there")
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
-    compile: bool = option(False, "torch.compile the model's blocks for training: the first step waits "
-                                  "~20-30 s for the compiler, later steps run ~1.3x faster on a CPU "
-                                  "(pays back after ~20-35k trained tokens; `eval.py bench` measures it)")
+    compile: bool = option(False, "torch.compile the model's blocks for training (needs a C++ compiler): "
+                                  "the first steps wait ~20-30 s for the compiler; a lone window step then "
+                                  "runs ~1.2-1.3x faster on a CPU, a whole LIFT run ~1.08x (README, Speed)")
     seed: int = option(0, "random seed: adapter initialisation, data order")
 
     def __post_init__(self):

@@ -99,6 +99,19 @@ def doc(tmp_path):
     return p
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"]])
+def test_every_help_text_prints(argv, capsys):
+    """argparse formats help with %: a stray "%" in a field's help would crash --help."""
+    import eval as evaluation
+    import train
+    with pytest.raises(SystemExit) as stop:
+        train.cli(argv)
+    assert stop.value.code == 0 and "--" in capsys.readouterr().out
+    p = evaluation.parser()
+    for sub in [p] + list(p._subparsers._group_actions[0].choices.values()):
+        assert "--" in sub.format_help()
+
+
 @pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"]])
 def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, adapter):
     args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
