@@ -36,16 +36,10 @@ from compute import resolve_dtype
 from data import DataConfig, DataError
 import distill
 import gated_memory
-from gated_memory import GatedMemoryConfig
-from lift import TrainConfig
-from lora import LoRAConfig
+from lift import TrainConfig, adapter_config
 from options import UserError, add_options, from_args
 
 ADAPTER_NAMES = ("gated_memory", "lora")
-
-
-def adapter_config(name: str, lora_rank: int):
-    return GatedMemoryConfig() if name == "gated_memory" else LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
 
 
 # ----------------------------------------------------------------------------- run a benchmark

@@ -38,6 +38,11 @@ ADAPTERS = {"gated_memory": gated_memory, "lora": lora}
 CONFIGS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
 
 
+def adapter_config(name: str, lora_rank: int = 16):
+    """Settings of an adapter by name; LoRA scaled by alpha = 2·rank, as in every run reported here."""
+    return gated_memory.GatedMemoryConfig() if name == "gated_memory" else lora.LoRAConfig(lora_rank, 2.0 * lora_rank)
+
+
 class TrainingError(UserError):
     """Training could not finish (for example the loss became NaN); nothing was saved."""
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+import cache
 import gated_memory
 from compute import autocast, compiled_blocks
-from data import DataConfig, window_examples
-from lift import TrainConfig, batch_loss
+from data import DataConfig, read_document, window_examples
+from lift import TrainConfig, anchor_loss, batch_loss
 from model import generate
 
 
@@ -126,10 +127,6 @@ def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) 
     and backward, the anchor's KL (the frozen base's forward, the adapted forward and backward on
     an unrelated example, lift.anchor_loss), the clip and AdamW step; eager, then with
     --compile. The mean over `steps` steps after `warmup` (the compiler works in those)."""
-    import cache
-    from compute import compiled_blocks
-    from data import read_document
-    from lift import anchor_loss
     doc = tok.encode(read_document(str(Path(__file__).parent / "examples" / "orchard_chronicle.txt")))
     wins = window_examples(doc, DataConfig())[:warmup + steps]
     anchors = cache.anchor_set(model, tok, dtype)

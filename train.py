@@ -22,9 +22,7 @@ import torch
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
-from gated_memory import GatedMemoryConfig
-from lift import TrainConfig, answer, checked_prompt
-from lora import LoRAConfig
+from lift import TrainConfig, adapter_config, answer, checked_prompt
 from options import UserError, add_options, from_args
 
 
@@ -94,7 +92,7 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     doc_ids = tok.encode(text)
     for q in ask:                                                # before training, not after
         checked_prompt(base, tok, q, doc_ids, mode, data_cfg.context, max_new_tokens)
-    adapter_cfg = LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else GatedMemoryConfig()
+    adapter_cfg = adapter_config("lora" if lora_rank else "gated_memory", lora_rank)
     if mode != "icl":
         result = absorb_cached(base, tok, text, data_cfg=data_cfg, adapter_cfg=adapter_cfg,
                                train_cfg=train_cfg, qa=pairs, synth=synth_qa, adapter_path=adapter,
