@@ -115,3 +115,22 @@ def plot_gate_trace(trace: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_storage(records: dict[str, dict], path: Path) -> None:
+    """storage.py's learning curves: the share of facts stored against epochs, per run, solid
+    where asked as trained and dashed in the other form (with or without the document)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, rec) in enumerate(records.items()):
+        color = f"C{i}"
+        for form, style in (("alone", "-"), ("in_context", "--")):
+            pts = [(p["epoch"], p[form]) for p in rec["curve"] if form in p]
+            ax.plot(*zip(*pts), style, color=color, marker="." if style == "-" else "x",
+                    label=f"{name}: asked {'without' if form == 'alone' else 'with'} the document")
+    ax.set_xlabel("epochs (one step per question)")
+    ax.set_ylabel("facts stored (greedy, word for word)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

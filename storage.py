@@ -1,0 +1,173 @@
+"""How many of a document's facts an adapter can store when it is shown them directly.
+
+    python storage.py --bench results/facts_at.jsonl --doc facts-2000-1 --adapter gated_memory --lr 3e-3
+
+LIFT asks an adapter to store a document's facts (its *bindings*: which name goes with which
+maker, year, place) and to give them back when a question asks. On generated facts Gated Memory
+answers far fewer questions than LoRA of the same size (README, "The method's quality"). Two
+explanations predict different things here: either the questions never reach what the memory
+stored (then shown the questions themselves it should learn them like LoRA), or the memory
+stores bindings slowly whatever it is shown (then it lags here too).
+
+So this trains a fresh adapter on nothing but the document's self-study questions (distill.py's
+"What does the text say about <name>?" answered by the document's own sentence), asked with no
+document in context, and after every epoch counts the questions it has *stored*: every token of
+the answer is the model's most likely next token, so greedy decoding writes the sentence exactly.
+Teacher-forced, one forward pass per question: cheap enough to follow the whole learning curve.
+No windows and, by default, no anchor: storage alone. Gated Memory's own settings (--gate-shift,
+--memory-mult, ...) are flags too, so that the gate's part in it can be measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import benchmarks as bm
+import gated_memory
+import lift
+from cache import anchor_set
+from compute import autocast, resolve_dtype
+from data import IGNORE, Example, qa_example, truncate_middle
+from distill import QUESTION, REPLY, statements
+from lift import TrainConfig, adapter_config
+from options import UserError, add_options, from_args
+
+
+def facts_outside(text: str, n: int, context: str) -> list[tuple[str, str]]:
+    """(name, sentence) for up to n names of `text` (distill.statements) whose sentence is *not* in
+    the truncated `context`: facts that only what the adapter stored can give back."""
+    return [(name, s) for name, s in statements(text, n) if s not in context]
+
+
+def fact_examples(tok, facts: list[tuple[str, str]], context: str | None = None) -> list[Example]:
+    """A self-study question per fact, answered by quoting its sentence; asked with `context` in
+    the prompt (None: no document, LIFT alone)."""
+    return [qa_example(tok, QUESTION.format(name), REPLY.format(s), context) for name, s in facts]
+
+
+@torch.no_grad()
+def stored(model, examples: list[Example], dtype: str) -> tuple[float, float]:
+    """(share of examples whose answer the model would write greedily, word for word; mean gate
+    of Gated Memory over the positions that predict the answer, every layer and head, or nan)."""
+    device = model.tok_embeddings.weight.device
+    memories = gated_memory.adapters(model)
+    hits, gates = 0, []
+    for ex in examples:
+        for m in memories:
+            m.record_gates = True
+        ids = torch.tensor([ex.input_ids], device=device)                            # (1, T)
+        with autocast(device, dtype):
+            predicted = model(ids)[0, :-1].argmax(-1)                               # (T-1,) next token at each position
+        at = torch.tensor(ex.labels[1:], device=device) != IGNORE                  # positions predicting the answer
+        hits += bool((predicted[at] == torch.tensor(ex.labels[1:], device=device)[at]).all())
+        if memories:                                                                # last_gates: (T, H) per layer
+            gates.append(torch.stack([m.last_gates[:-1][at.cpu()] for m in memories]).mean().item())
+    for m in memories:
+        m.record_gates = False
+    return hits / len(examples), (sum(gates) / len(gates) if gates else float("nan"))
+
+
+def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, train_cfg: TrainConfig,
+          anchors=(), every: int = 5) -> list[dict]:
+    """Attach a fresh adapter, train it on forms[train_on] for train_cfg.epochs epochs (one step per
+    example, seeded order) and return the learning curve: after every epoch, the share stored and
+    the gate on the answers in the trained form; every `every` epochs (and the last), in every form
+    (the same questions asked without and with the document: does what is stored one way transfer?)."""
+    for kind in lift.ADAPTERS.values():
+        kind.remove(model)
+    lift.CONFIGS[type(adapter_cfg)].attach(model, adapter_cfg, seed=train_cfg.seed)
+    examples = forms[train_on]
+    g = torch.Generator().manual_seed(train_cfg.seed)
+    plan = [[examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
+            for _ in range(train_cfg.epochs)]
+    points, t0 = [], time.time()
+
+    def measure(epoch: int):
+        point = {"epoch": epoch}
+        for name, exs in forms.items():
+            if name == train_on or epoch % every == 0 or epoch == train_cfg.epochs:
+                point[name], point[f"{name}_gate"] = stored(model, exs, train_cfg.dtype)
+        points.append({**point, "seconds": round(time.time() - t0, 1)})
+        print(f"epoch {epoch:3d}  " + "  ".join(f"{k} {v:.3f}" for k, v in point.items() if k != "epoch"),
+              file=sys.stderr)
+
+    measure(0)
+    lift.train_adapter(model, plan, train_cfg, progress=False, anchors=list(anchors),
+                       on_step=lambda n: measure(n // len(examples)) if n % len(examples) == 0 else None)
+    return points
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Storage probe: train an adapter on a document's self-study questions "
+                                            "only and follow how many it can answer, epoch by epoch.")
+    p.add_argument("--bench", help="a benchmark .jsonl (eval.py generate writes one)")
+    p.add_argument("--doc", help="the id of one document in it")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="instead of training: draw the curves of these "
+                                                              "records into --out (a .png)")
+    p.add_argument("--facts", type=int, default=32, help="how many names of the document to ask about")
+    p.add_argument("--adapter", choices=sorted(lift.ADAPTERS), default="gated_memory")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA's rank (alpha 2·rank)")
+    p.add_argument("--train-on", choices=("alone", "in_context"), default="alone",
+                   help="ask the training questions without the document (LIFT) or after its truncated copy "
+                        "(LIFT+ICL); both forms are measured")
+    p.add_argument("--context", type=int, default=512, help="the truncated document's length (in_context form)")
+    p.add_argument("--every", type=int, default=5, help="measure the form not trained on every N epochs")
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
+    p.add_argument("--out", required=True, help="write the curve here (JSON), or the figure with --plot")
+    add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "dtype", "seed"))
+    add_options(p, gated_memory.GatedMemoryConfig)
+    p.set_defaults(epochs=20, anchor=0.0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.plot:
+        from plots import plot_storage
+        plot_storage({Path(f).stem: json.loads(Path(f).read_text()) for f in args.plot}, Path(args.out))
+        return 0
+    if not (args.bench and args.doc):
+        print("error: --bench and --doc are needed (or --plot)", file=sys.stderr)
+        return 2
+    try:
+        from checkpoint import load_model
+        doc = next((d for d in bm.read_benchmark(args.bench) if d["id"] == args.doc), None)
+        if doc is None:
+            raise UserError(f"{args.bench} has no document {args.doc!r}")
+        train_cfg = from_args(TrainConfig, args)
+        train_cfg.dtype = resolve_dtype(train_cfg.dtype, torch.device("cpu"))
+        model, tok = load_model(args.model, dtype=getattr(torch, train_cfg.dtype))
+        context = truncate_middle(tok.encode(doc["document"]), args.context, tok)
+        facts = facts_outside(doc["document"], args.facts, context)
+        if not facts:
+            raise UserError(f"{args.doc}: no name's sentence lies outside the {args.context}-token context")
+        forms = {"alone": fact_examples(tok, facts), "in_context": fact_examples(tok, facts, context)}
+        adapter_cfg = (from_args(gated_memory.GatedMemoryConfig, args) if args.adapter == "gated_memory"
+                       else adapter_config("lora", args.lora_rank))
+        anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor else ()
+        points = curve(model, forms, args.train_on, adapter_cfg, train_cfg, anchors, args.every)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"doc": args.doc, "facts": len(forms["alone"]), "adapter": args.adapter, "train_on": args.train_on,
+              "train": asdict(train_cfg), "adapter_config": asdict(adapter_cfg),
+              "curve": points}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out)
+    last = points[-1]
+    print(f"{record['facts']} facts; stored after {last['epoch']} epochs: alone {last['alone']:.2f}, "
+          f"in context {last['in_context']:.2f}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
