@@ -10,10 +10,12 @@ stored (then shown the questions themselves it should learn them like LoRA), or 
 stores bindings slowly whatever it is shown (then it lags here too).
 
 So this trains a fresh adapter on nothing but the document's self-study questions (distill.py's
-"What does the text say about <name>?" answered by the document's own sentence), asked with no
-document in context, and after every epoch counts the questions it has *stored*: every token of
-the answer is the model's most likely next token, so greedy decoding writes the sentence exactly.
-Teacher-forced, one forward pass per question: cheap enough to follow the whole learning curve.
+"What does the text say about <name>?" answered by the document's own sentence) about the facts
+whose sentence lies outside the truncated context, and after every epoch counts the questions it
+has *stored*: every token of the answer is the model's most likely next token, so greedy decoding
+writes the sentence exactly. Teacher-forced, one forward pass per question: cheap enough to follow
+the whole learning curve. Each question is asked in two forms, without the document (LIFT) and
+after its truncated copy (LIFT+ICL); one is trained, both are measured.
 No windows and, by default, no anchor: storage alone. Gated Memory's own settings (--gate-shift,
 --memory-mult, ...) are flags too, so that the gate's part in it can be measured.
 """
