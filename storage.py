@@ -60,14 +60,15 @@ def stored(model, examples: list[Example], dtype: str) -> tuple[float, float]:
     device = model.tok_embeddings.weight.device
     memories = gated_memory.adapters(model)
     hits, gates = 0, []
+    for m in memories:
+        m.record_gates = True
     for ex in examples:
-        for m in memories:
-            m.record_gates = True
         ids = torch.tensor([ex.input_ids], device=device)                            # (1, T)
         with autocast(device, dtype):
             predicted = model(ids)[0, :-1].argmax(-1)                               # (T-1,) next token at each position
-        at = torch.tensor(ex.labels[1:], device=device) != IGNORE                  # positions predicting the answer
-        hits += bool((predicted[at] == torch.tensor(ex.labels[1:], device=device)[at]).all())
+        targets = torch.tensor(ex.labels[1:], device=device)                       # (T-1,)
+        at = targets != IGNORE                                                      # positions predicting the answer
+        hits += bool((predicted[at] == targets[at]).all())
         if memories:                                                                # last_gates: (T, H) per layer
             gates.append(torch.stack([m.last_gates[:-1][at.cpu()] for m in memories]).mean().item())
     for m in memories:
