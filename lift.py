@@ -230,6 +230,13 @@ def check_fits(model, tok, doc: list[int], data_cfg: DataConfig) -> None:
         raise UserError("the document has fewer than 2 tokens: there is nothing to predict")
 
 
+def attach_fresh(model, adapter_cfg, seed: int) -> None:
+    """Replace whatever adapter is attached by a fresh one of this config (either kind)."""
+    for kind in ADAPTERS.values():
+        kind.remove(model)
+    CONFIGS[type(adapter_cfg)].attach(model, adapter_cfg, seed=seed)
+
+
 def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, adapter_cfg,
            train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True,
            anchors: Optional[list[Example]] = None, on_step: Optional[Callable[[int], None]] = None,
@@ -240,12 +247,9 @@ def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, 
     the training stats. anchors: the --anchor examples (cache.anchor_set builds them)."""
     check_fits(model, tok, doc, data_cfg)
     plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed, distilled=distilled)
-    kind = CONFIGS[type(adapter_cfg)]
-    for other in ADAPTERS.values():
-        other.remove(model)
     if train_cfg.anchor and not anchors:
         raise ValueError("--anchor > 0 needs the anchor examples (cache.anchor_set)")
-    kind.attach(model, adapter_cfg, seed=train_cfg.seed)
+    attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
     if init is not None:
         load_adapter_file(model, init, expect=adapter_cfg)
     stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors or [], on_step=on_step)

@@ -34,6 +34,7 @@ import benchmarks as bm
 import gated_memory
 import lift
 from cache import anchor_set
+from checkpoint import load_model
 from compute import autocast, resolve_dtype
 from data import IGNORE, Example, qa_example, truncate_middle
 from distill import QUESTION, REPLY, statements
@@ -82,9 +83,7 @@ def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, tr
     example, seeded order) and return the learning curve: after every epoch, the share stored and
     the gate on the answers in the trained form; every `every` epochs (and the last), in every form
     (the same questions asked without and with the document: does what is stored one way transfer?)."""
-    for kind in lift.ADAPTERS.values():
-        kind.remove(model)
-    lift.CONFIGS[type(adapter_cfg)].attach(model, adapter_cfg, seed=train_cfg.seed)
+    lift.attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
     examples = forms[train_on]
     g = torch.Generator().manual_seed(train_cfg.seed)
     plan = [[examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
@@ -139,7 +138,6 @@ def main(argv=None) -> int:
         print("error: --bench and --doc are needed (or --plot)", file=sys.stderr)
         return 2
     try:
-        from checkpoint import load_model
         doc = next((d for d in bm.read_benchmark(args.bench) if d["id"] == args.doc), None)
         if doc is None:
             raise UserError(f"{args.bench} has no document {args.doc!r}")
