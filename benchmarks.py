@@ -85,6 +85,14 @@ def _question(rec: dict, where: str, q_key: str = "question") -> dict:
             "answers": [str(r) for r in refs]}
 
 
+def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
+    """Is evidence at fraction `pos` of the document inside the truncated (head + tail) view?"""
+    if pos is None:
+        return None
+    t = pos * n_tokens
+    return n_tokens <= context or t < context // 2 or t >= n_tokens - (context - context // 2)
+
+
 def read_benchmark(path: str) -> list[dict]:
     """Our format or LongBench's (detected per line), every line checked.
     Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""

@@ -34,26 +34,21 @@ import plots
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, DataError
+from gated_memory import GatedMemoryConfig
 import distill
-import gated_memory
 from lift import TrainConfig, adapter_config
 from options import UserError, add_options, from_args
+from sameness import general_ability
 
 ADAPTER_NAMES = ("gated_memory", "lora")
 
 
 # ----------------------------------------------------------------------------- run a benchmark
-def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
-    """Is evidence at fraction `pos` of the document inside the truncated (head + tail) view?"""
-    if pos is None:
-        return None
-    t = pos * n_tokens
-    return n_tokens <= context or t < context // 2 or t >= n_tokens - (context - context // 2)
 
 
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
-        general: list[dict] = (), gate_trace: int = 0) -> list[dict]:
+        general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig()) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
@@ -67,6 +62,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                         f"each document needs its own id")
     settings = {"data": asdict(data_cfg), "train": asdict(train_cfg), "model": model_name,
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
+    if gm_cfg != GatedMemoryConfig():   # only when set, so that folders of earlier runs keep their key
+        settings["gated_memory"] = asdict(gm_cfg)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
@@ -100,7 +97,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                                   train_cfg.dtype, every=gate_trace)
             t = time.perf_counter()
             res = absorb_cached(model, tok, doc["document"], data_cfg=data_cfg, train_cfg=train_cfg,
-                                adapter_cfg=adapter_config(adapter_kind, lora_rank), qa=qa,
+                                adapter_cfg=adapter_config(adapter_kind, lora_rank, gm_cfg), qa=qa,
                                 init=init if adapter_kind == "gated_memory" else None, progress=False,
                                 on_step=trace)
             absorb_s = time.perf_counter() - t
@@ -112,7 +109,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             with lift.attached(model).disabled(model):
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
-            extra = general_ability(model, tok, doc, ids, general, data_cfg, train_cfg.dtype, out / "general.jsonl",
+            extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
                                     adapter) if general else {}
             if data_cfg.distill:       # how many of its own self-study questions the adapter answers
                 extra["study_recall"] = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
@@ -132,7 +129,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in lift.BASE_MODES else "none",
                      "question": q["question"], "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
-                     "in_budget": in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
+                     "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
                      "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
@@ -140,42 +137,6 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 done.add((r["doc"], r["q"], r["mode"], r["adapter"]))
     write_summary(records, out, {**settings, "init": init})
     return records
-
-
-BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per process (they do not change)
-
-
-def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], data_cfg: DataConfig, dtype: str,
-                    path: Path, adapter: str) -> dict:
-    """After LIFT on `doc`: how often the adapted model answers questions that have nothing to do
-    with the document exactly as the base model does (lift against closed, lift+icl against icl,
-    the same prompts), and, for Gated Memory, the mean gate on document questions against general
-    ones (the paper expects the first to be much higher). Records go to `path`."""
-    from gates import mean_gates
-    ask = lambda q, m: lift.answer(model, tok, q, ids, mode=m, context=data_cfg.context, max_new_tokens=24, dtype=dtype)
-
-    def base_answer(q: str, m: str) -> str:
-        key = (m, q, tuple(ids) if m == "icl" else None)
-        if key not in BASE_ANSWERS:
-            BASE_ANSWERS[key] = ask(q, m)
-        return BASE_ANSWERS[key]
-
-    same, right = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
-    with path.open("a") as f:
-        for q in general:
-            for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
-                base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode)
-                same[mode].append(base == adapted)
-                right[mode].append(bm.contains(adapted, q["answers"]))
-                f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
-                                    "base": base, "adapted": adapted, "same": base == adapted}) + "\n")
-    out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
-    out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
-    if lift.attached(model) is gated_memory:
-        mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()
-        out.update(gate_document=mean(doc["questions"]), gate_general=mean(general))
-    print(json.dumps({"doc": doc["id"], "adapter": adapter, **out}), file=sys.stderr)
-    return out
 
 
 def label(r: dict) -> str:
@@ -261,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
                        help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
         common(r)
+        add_options(r, GatedMemoryConfig)
 
     c = sub.add_parser("cost", help="time and peak memory of ICL and LIFT against input length")
     c.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000, 8000])
@@ -316,7 +278,8 @@ def main(argv=None) -> int:
                 docs = load_qa_benchmark(args, load_model(args.model)[1])
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
-                args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace)
+                args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace,
+                from_args(GatedMemoryConfig, args))
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

@@ -64,8 +64,10 @@ class GatedMemory(nn.Module):
         nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
         nn.init.normal_(self.mem_out, std=cfg.init_std)
         nn.init.normal_(self.gate_out, std=cfg.init_std)
-        # Diagnostics, not training state: force g to a constant, or record the mean g per head.
+        # Diagnostics, not training state: force g to a constant, shut every g below a floor
+        # exactly (sameness.py), or record the mean g per head.
         self.force_gate: Optional[float] = None
+        self.gate_floor = 0.0
         self.record_gates = False
         self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
         self.last_share: Optional[torch.Tensor] = None       # (T, H) the memory's share of the output
@@ -87,11 +89,15 @@ class GatedMemory(nn.Module):
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), (B, T, H, D)."""
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
+        if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
+            g = torch.where(g < self.gate_floor, 0.0, g)
         if self.record_gates:
             self.last_gates = g[0, :, :, 0].detach().float().cpu()            # (T, H)
         if self.gate_log is not None:
             self.gate_log.append(g)
         if self.force_gate == 0.0:   # exactly the base model: skip m (and its rounding) altogether
+            if self.record_gates:
+                self.last_share = torch.zeros_like(self.last_gates)
             return attn
         kept, added = (1 - g) * attn.float(), g * self.memory(q).float()
         if self.record_gates:        # the memory's share of the head's output: |g·m| / (|(1−g)·attn| + |g·m|)

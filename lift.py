@@ -38,9 +38,10 @@ ADAPTERS = {"gated_memory": gated_memory, "lora": lora}
 CONFIGS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
 
 
-def adapter_config(name: str, lora_rank: int = 16):
-    """Settings of an adapter by name; LoRA scaled by alpha = 2·rank, as in every run reported here."""
-    return gated_memory.GatedMemoryConfig() if name == "gated_memory" else lora.LoRAConfig(lora_rank, 2.0 * lora_rank)
+def adapter_config(name: str, lora_rank: int = 16, gm: Optional[gated_memory.GatedMemoryConfig] = None):
+    """Settings of an adapter by name (Gated Memory: `gm` or the defaults); LoRA scaled by
+    alpha = 2·rank, as in every run reported here."""
+    return (gm or gated_memory.GatedMemoryConfig()) if name == "gated_memory" else lora.LoRAConfig(lora_rank, 2.0 * lora_rank)
 
 
 class TrainingError(UserError):

@@ -137,7 +137,7 @@ def test_in_budget_matches_the_head_and_tail_that_truncation_keeps(tok):
     """Evidence is inside the ICL view iff its first token is among the first context/2 or the
     last context/2 tokens that data.truncate_middle keeps."""
     from data import truncate_middle
-    from eval import in_budget
+    from benchmarks import in_budget
     n, context = 1000, 100
     assert in_budget(None, n, context) is None
     assert in_budget(0.3, 80, context) is True                       # the whole document fits

@@ -44,6 +44,23 @@ def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
     assert torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-5)
 
 
+def test_gate_floor_shuts_exactly_the_heads_below_it_and_keeps_the_others():
+    """sameness.py's probe: g < floor -> that head's output is its attention, bit for bit."""
+    torch.manual_seed(0)
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(std=0.3)
+    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    g, free = mem.gate(q), mem(q, attn)
+    mem.gate_floor = g.median().item()
+    shut = (g < mem.gate_floor).expand_as(attn)
+    floored = mem(q, attn)
+    assert 0 < shut.float().mean() < 1                          # some heads shut, some not
+    assert torch.equal(floored[shut], attn[shut])
+    assert torch.equal(floored[~shut], free[~shut])
+
+
 def test_gate_forced_to_one_makes_a_head_output_its_memory():
     model = with_adapter()
     attn = model.layers[0].attention

@@ -1,0 +1,143 @@
+"""How far an adapter moves the answers to questions that have nothing to do with the document.
+
+    python sameness.py --bench results/facts_at.jsonl --doc facts-2000-1 --general examples/general_questions.jsonl --out results/sameness/fresh.jsonl
+    python sameness.py ... --adapter-file A.safetensors --gate-floor 0 0.01 0.02 --out results/sameness/floor.jsonl
+
+The measure (eval.py run --general uses it too): after LIFT, how often the adapted model's greedy
+reply to a general question ("What is the capital of France?") is the base model's reply,
+character for character — lift against the base without the document, lift+icl against the base
+with the same truncated document — and how often it contains a right answer.
+
+Without --adapter-file it measures a Gated Memory that was never trained, as attach() leaves it:
+the memory adds ≈ 0 and every gate sits at its start σ(−scale · shift), so each head's attention
+is only scaled by (1 − g). That is where the measure starts before LIFT has taught anything;
+--gate-shift moves the start (the paper's 1 gives g ≈ 0.047).
+With --gate-floor τ ... every g below τ is set to exactly 0 at answer time, so those heads pass the
+base model's attention unchanged (a probe, not part of the method: training never sees it).
+Every setting also answers the document's own questions in both modes, to show what it costs there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import benchmarks as bm
+import gated_memory
+import lift
+from checkpoint import load_model
+from compute import resolve_dtype
+from gates import mean_gates
+from options import UserError, add_options, from_args
+
+BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per process (they do not change)
+
+
+def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], context: int, dtype: str,
+                    path: Path, adapter: str) -> dict:
+    """How often the adapted model answers questions unrelated to `doc` exactly as the base model
+    does (lift against closed, lift+icl against icl, the same prompts) and how often rightly; for
+    Gated Memory also the mean gate on document questions against general ones (the paper expects
+    the first to be much higher). One record per question and mode is appended to `path`."""
+    ask = lambda q, m: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype)
+
+    def base_answer(q: str, m: str) -> str:
+        key = (m, q, tuple(ids) if m == "icl" else None)
+        if key not in BASE_ANSWERS:
+            BASE_ANSWERS[key] = ask(q, m)
+        return BASE_ANSWERS[key]
+
+    same, right = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
+    with path.open("a") as f:
+        for q in general:
+            for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
+                base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode)
+                same[mode].append(base == adapted)
+                right[mode].append(bm.contains(adapted, q["answers"]))
+                f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
+                                    "base": base, "adapted": adapted, "same": base == adapted}) + "\n")
+    out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
+    out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
+    if lift.attached(model) is gated_memory:
+        mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()
+        out.update(gate_document=mean(doc["questions"]), gate_general=mean(general))
+    print(json.dumps({"doc": doc["id"], "adapter": adapter, **out}), file=sys.stderr)
+    return out
+
+
+def document_answers(model, tok, doc: dict, ids: list[int], context: int, dtype: str, max_new_tokens: int) -> dict:
+    """The document's own questions in lift and lift+icl: how many answers contain the truth,
+    for evidence inside and outside the truncated context."""
+    counts = {}
+    for q in doc["questions"]:
+        where = {True: "inside", False: "outside", None: "unknown"}[bm.in_budget(q.get("evidence_pos"), len(ids), context)]
+        for mode in ("lift", "lift+icl"):
+            reply = lift.answer(model, tok, q["question"], ids, mode=mode, context=context,
+                                max_new_tokens=max_new_tokens, dtype=dtype)
+            right, asked = counts.get(f"{mode} {where}", (0, 0))
+            counts[f"{mode} {where}"] = (right + int(bm.contains(reply, q["answers"])), asked + 1)
+    return {k: f"{right}/{asked}" for k, (right, asked) in sorted(counts.items())}
+
+
+def set_gate_floor(model, floor: float) -> None:
+    for m in gated_memory.adapters(model):
+        m.gate_floor = floor
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sameness.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", required=True, help="a benchmark .jsonl (eval.py generate writes one)")
+    p.add_argument("--doc", required=True, help="the id of one document in it")
+    p.add_argument("--general", required=True, help="JSONL of general questions (examples/general_questions.jsonl)")
+    p.add_argument("--adapter-file", default=None, help="a trained Gated Memory (.safetensors); default: a fresh one")
+    p.add_argument("--gate-floor", type=float, nargs="+", default=[0.0], metavar="TAU",
+                   help="at answer time set every gate below TAU to exactly 0; one measurement per value")
+    p.add_argument("--context", type=int, default=512, help="the truncated document's length (lift+icl, icl)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="for the document's questions")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
+    p.add_argument("--seed", type=int, default=0, help="the fresh adapter's initialisation")
+    p.add_argument("--out", required=True, help="JSONL: one summary line per setting (answers beside it)")
+    add_options(p, gated_memory.GatedMemoryConfig)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        doc = next((d for d in bm.read_benchmark(args.bench) if d["id"] == args.doc), None)
+        if doc is None:
+            raise UserError(f"{args.bench} has no document {args.doc!r}")
+        general = bm.read_questions(args.general)
+        dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+        model, tok = load_model(args.model, dtype=getattr(torch, dtype))
+        ids = tok.encode(doc["document"])
+        if args.adapter_file:
+            lift.load_adapter_file(model, args.adapter_file)
+            if lift.attached(model) is not gated_memory:
+                raise UserError(f"{args.adapter_file} is not a Gated Memory adapter")
+        else:
+            lift.attach_fresh(model, from_args(gated_memory.GatedMemoryConfig, args), seed=args.seed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers = out.with_name(out.stem + "_answers.jsonl")
+    for tau in args.gate_floor:
+        set_gate_floor(model, tau)
+        row = {"doc": doc["id"], "adapter": args.adapter_file or f"fresh, gate_shift {args.gate_shift}",
+               "gate_floor": tau, **general_ability(model, tok, doc, ids, general, args.context, dtype, answers,
+                                                    f"floor {tau}"),
+               **document_answers(model, tok, doc, ids, args.context, dtype, args.max_new_tokens)}
+        with out.open("a") as f:               # one line per setting, appended as it is measured
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""sameness.py: the general-ability measure against the base model's replies."""
+import json
+
+import gated_memory as gm
+import sameness
+from checkpoint import load_model
+
+DOC = {"id": "d", "document": "In 1743 the frost came to the valley. " * 6,
+       "questions": [{"question": "When did the frost come?", "answers": ["1743"], "evidence_pos": 0.1}]}
+GENERAL = [{"question": "The quick brown fox?", "answers": ["dog"]}, {"question": "Question? Answer!", "answers": ["x"]}]
+
+
+def measure(model, tok, tmp_path, force_gate):
+    for a in gm.adapters(model):
+        a.force_gate = force_gate
+    return sameness.general_ability(model, tok, DOC, tok.encode(DOC["document"]), GENERAL, 32, "float32",
+                                    tmp_path / f"g{force_gate}.jsonl", "gm")
+
+
+def test_an_adapter_that_is_exactly_the_base_keeps_every_reply_and_one_that_is_not_does_not(tiny_dir, tmp_path):
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    shut = measure(model, tok, tmp_path, 0.0)
+    assert shut["general_same_lift"] == shut["general_same_lift+icl"] == 1.0
+    open_ = measure(model, tok, tmp_path, 1.0)                 # every head replaced by its (≈ 0) memory
+    assert open_["general_same_lift"] < 1.0 and open_["general_same_lift+icl"] < 1.0
+    records = [json.loads(l) for l in (tmp_path / "g1.0.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["same"] == (r["base"] == r["adapted"]) for r in records)
+
+
+def test_an_unknown_document_is_one_line_of_error(tmp_path, capsys):
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps(DOC) + "\n")
+    general = tmp_path / "g.jsonl"
+    general.write_text("".join(json.dumps(q) + "\n" for q in GENERAL))
+    assert sameness.main(["--bench", str(bench), "--doc", "nope", "--general", str(general), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
