@@ -43,6 +43,14 @@ class GatedMemoryConfig:
     gate_scale: float = option(3.0, "g = σ(gate_scale · (u − gate_shift)); the paper: 3")
     gate_shift: float = option(1.0, "the paper: 1, so a fresh gate (u ≈ 0) is σ(−3) ≈ 0.047")
     init_std: float = option(1e-3, "std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))")
+    gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
+                                    "so that a shut head passes the base's attention unchanged (0 = the paper)")
+
+    def __post_init__(self):
+        fresh = 1 / (1 + math.exp(self.gate_scale * self.gate_shift))      # g of a fresh adapter, σ(−scale·shift)
+        if not 0 <= self.gate_floor < fresh:
+            raise ConfigError(f"--gate-floor {self.gate_floor}: must be at least 0 and below the fresh gate "
+                              f"{fresh:.4f}, or every gate starts shut and none ever gets a gradient")
 
     def gate_hidden(self, head_dim: int) -> int:
         return self.gate_width or math.isqrt(head_dim)
@@ -64,10 +72,9 @@ class GatedMemory(nn.Module):
         nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
         nn.init.normal_(self.mem_out, std=cfg.init_std)
         nn.init.normal_(self.gate_out, std=cfg.init_std)
-        # Diagnostics, not training state: force g to a constant, shut every g below a floor
-        # exactly (sameness.py), or record the mean g per head.
+        self.gate_floor = cfg.gate_floor                     # sameness.py may change it for answering
+        # Diagnostics, not training state: force g to a constant, or record the mean g per head.
         self.force_gate: Optional[float] = None
-        self.gate_floor = 0.0
         self.record_gates = False
         self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
         self.last_share: Optional[torch.Tensor] = None       # (T, H) the memory's share of the output
@@ -90,7 +97,8 @@ class GatedMemory(nn.Module):
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), (B, T, H, D)."""
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
-            g = torch.where(g < self.gate_floor, 0.0, g)
+            g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
+                                                              #  unless its weights move for other tokens)
         if self.record_gates:
             self.last_gates = g[0, :, :, 0].detach().float().cpu()            # (T, H)
         if self.gate_log is not None:

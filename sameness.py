@@ -1,7 +1,7 @@
 """How far an adapter moves the answers to questions that have nothing to do with the document.
 
     python sameness.py --bench results/facts_at.jsonl --doc facts-2000-1 --general examples/general_questions.jsonl --out results/sameness/fresh.jsonl
-    python sameness.py ... --adapter-file A.safetensors --gate-floor 0 0.01 0.02 --out results/sameness/floor.jsonl
+    python sameness.py ... --adapter-file A.safetensors --floors 0 0.01 0.02 --out results/sameness/floor.jsonl
 
 The measure (eval.py run --general uses it too): after LIFT, how often the adapted model's greedy
 reply to a general question ("What is the capital of France?") is the base model's reply,
@@ -12,8 +12,8 @@ Without --adapter-file it measures a Gated Memory that was never trained, as att
 the memory adds ≈ 0 and every gate sits at its start σ(−scale · shift), so each head's attention
 is only scaled by (1 − g). That is where the measure starts before LIFT has taught anything;
 --gate-shift moves the start (the paper's 1 gives g ≈ 0.047).
-With --gate-floor τ ... every g below τ is set to exactly 0 at answer time, so those heads pass the
-base model's attention unchanged (a probe, not part of the method: training never sees it).
+With --floors τ ... every g below τ is set to exactly 0 at answer time, so those heads pass the
+base model's attention unchanged (Gated Memory's --gate-floor, applied here only when answering).
 Every setting also answers the document's own questions in both modes, to show what it costs there.
 """
 from __future__ import annotations
@@ -93,15 +93,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", required=True, help="the id of one document in it")
     p.add_argument("--general", required=True, help="JSONL of general questions (examples/general_questions.jsonl)")
     p.add_argument("--adapter-file", default=None, help="a trained Gated Memory (.safetensors); default: a fresh one")
-    p.add_argument("--gate-floor", type=float, nargs="+", default=[0.0], metavar="TAU",
-                   help="at answer time set every gate below TAU to exactly 0; one measurement per value")
+    p.add_argument("--floors", type=float, nargs="+", default=[None], metavar="TAU",
+                   help="at answer time set every gate below TAU to exactly 0; one measurement per value "
+                        "(default: the adapter's own --gate-floor)")
     p.add_argument("--context", type=int, default=512, help="the truncated document's length (lift+icl, icl)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for the document's questions")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
     p.add_argument("--seed", type=int, default=0, help="the fresh adapter's initialisation")
     p.add_argument("--out", required=True, help="JSONL: one summary line per setting (answers beside it)")
-    add_options(p, gated_memory.GatedMemoryConfig)
+    add_options(p, gated_memory.GatedMemoryConfig, skip=("gate_floor",))
     return p
 
 
@@ -127,8 +128,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers = out.with_name(out.stem + "_answers.jsonl")
-    for tau in args.gate_floor:
-        set_gate_floor(model, tau)
+    for tau in args.floors:
+        if tau is not None:
+            set_gate_floor(model, tau)
+        tau = gated_memory.adapters(model)[0].gate_floor
         row = {"doc": doc["id"], "adapter": args.adapter_file or f"fresh, gate_shift {args.gate_shift}",
                "gate_floor": tau, **general_ability(model, tok, doc, ids, general, args.context, dtype, answers,
                                                     f"floor {tau}"),

@@ -61,6 +61,15 @@ def test_gate_floor_shuts_exactly_the_heads_below_it_and_keeps_the_others():
     assert torch.equal(floored[~shut], free[~shut])
 
 
+def test_a_gate_floor_at_or_above_the_fresh_gate_is_refused():
+    """σ(−3) ≈ 0.0474: a floor above it would shut every gate of a fresh adapter for good."""
+    assert gm.GatedMemory(2, 16, gm.GatedMemoryConfig(gate_floor=0.04)).gate_floor == 0.04
+    for bad in (0.05, -0.01):
+        with pytest.raises(ConfigError):
+            gm.GatedMemoryConfig(gate_floor=bad)
+    gm.GatedMemoryConfig(gate_shift=0.0, gate_floor=0.3)      # a gate that starts at 0.5 allows more
+
+
 def test_gate_forced_to_one_makes_a_head_output_its_memory():
     model = with_adapter()
     attn = model.layers[0].attention
