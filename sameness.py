@@ -2,6 +2,7 @@
 
     python sameness.py --bench results/facts_at.jsonl --doc facts-2000-1 --general examples/general_questions.jsonl --out results/sameness/fresh.jsonl
     python sameness.py ... --adapter-file A.safetensors --floors 0 0.01 0.02 --out results/sameness/floor.jsonl
+    python sameness.py ... --dtype bfloat16 --versus-dtype float32 --out results/sameness/precision.jsonl
 
 The measure (eval.py run --general uses it too): after LIFT, how often the adapted model's greedy
 reply to a general question ("What is the capital of France?") is the base model's reply,
@@ -15,6 +16,9 @@ is only scaled by (1 − g). That is where the measure starts before LIFT has ta
 With --floors τ ... every g below τ is set to exactly 0 at answer time, so those heads pass the
 base model's attention unchanged (Gated Memory's --gate-floor, applied here only when answering).
 Every setting also answers the document's own questions in both modes, to show what it costs there.
+With --versus-dtype D no adapter is involved: the base model computed in --dtype is compared with
+the same base model loaded and computed in D (closed against closed, icl against icl), the floor
+that numerical precision alone sets under a word-for-word measure.
 """
 from __future__ import annotations
 
@@ -82,6 +86,24 @@ def document_answers(model, tok, doc: dict, ids: list[int], context: int, dtype:
     return {k: f"{right}/{asked}" for k, (right, asked) in sorted(counts.items())}
 
 
+def precision_agreement(first: tuple, second: tuple, tok, ids: list[int], general: list[dict], context: int,
+                        path: Path) -> dict:
+    """How often two copies of the base model, each a (model, dtype) pair that differ only in
+    precision, give the same greedy reply to each general question (closed and icl, the prompts
+    of general_ability). No adapter anywhere: what the word-for-word measure calls a change when
+    nothing but rounding changed."""
+    same = {"closed": [], "icl": []}
+    with path.open("a") as f:
+        for q in general:
+            for mode in same:
+                a, b = (lift.answer(m, tok, q["question"], ids, mode=mode, context=context, max_new_tokens=24, dtype=d)
+                        for m, d in (first, second))
+                same[mode].append(a == b)
+                f.write(json.dumps({"mode": mode, "question": q["question"], first[1]: a, second[1]: b,
+                                    "same": a == b}) + "\n")
+    return {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
+
+
 def set_gate_floor(model, floor: float) -> None:
     for m in gated_memory.adapters(model):
         m.gate_floor = floor
@@ -100,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="for the document's questions")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
+    p.add_argument("--versus-dtype", default=None, choices=["bfloat16", "float32"],
+                   help="no adapter: compare the base model in --dtype with the base model in this dtype")
     p.add_argument("--seed", type=int, default=0, help="the fresh adapter's initialisation")
     p.add_argument("--out", required=True, help="JSONL: one summary line per setting (answers beside it)")
     add_options(p, gated_memory.GatedMemoryConfig, skip=("gate_floor",))
@@ -116,7 +140,11 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, torch.device("cpu"))
         model, tok = load_model(args.model, dtype=getattr(torch, dtype))
         ids = tok.encode(doc["document"])
-        if args.adapter_file:
+        if args.versus_dtype:
+            if args.versus_dtype == dtype:
+                raise UserError(f"--versus-dtype {dtype} is the dtype already compared against")
+            other, _ = load_model(args.model, dtype=getattr(torch, args.versus_dtype))
+        elif args.adapter_file:
             lift.load_adapter_file(model, args.adapter_file)
             if lift.attached(model) is not gated_memory:
                 raise UserError(f"{args.adapter_file} is not a Gated Memory adapter")
@@ -128,6 +156,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers = out.with_name(out.stem + "_answers.jsonl")
+    if args.versus_dtype:
+        row = {"doc": doc["id"], "base": dtype, "versus": args.versus_dtype,
+               **precision_agreement((model, dtype), (other, args.versus_dtype), tok, ids, general, args.context, answers)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+        return 0
     for tau in args.floors:
         if tau is not None:
             set_gate_floor(model, tau)

@@ -1,6 +1,8 @@
 """sameness.py: the general-ability measure against the base model's replies."""
 import json
 
+import torch
+
 import gated_memory as gm
 import sameness
 from checkpoint import load_model
@@ -35,3 +37,22 @@ def test_an_unknown_document_is_one_line_of_error(tmp_path, capsys):
     general.write_text("".join(json.dumps(q) + "\n" for q in GENERAL))
     assert sameness.main(["--bench", str(bench), "--doc", "nope", "--general", str(general), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_two_copies_of_the_base_in_one_precision_agree_and_the_measure_sees_a_difference(tiny_dir, tmp_path):
+    """precision_agreement compares the two models' replies, not one model with itself."""
+    model, tok = load_model(str(tiny_dir))
+    ids = tok.encode(DOC["document"])
+    twin, _ = load_model(str(tiny_dir))
+    agree = sameness.precision_agreement((model, "float32"), (twin, "float32"), tok, ids, GENERAL, 32, tmp_path / "a")
+    assert agree == {"general_same_closed": 1.0, "general_same_icl": 1.0}
+    gm.attach(twin, gm.GatedMemoryConfig(), seed=0)         # the base modes switch any adapter off ...
+    for a in gm.adapters(twin):
+        a.force_gate = 1.0
+    assert sameness.precision_agreement((model, "float32"), (twin, "float32"), tok, ids, GENERAL, 32,
+                                        tmp_path / "b") == agree
+    torch.manual_seed(0)
+    with torch.no_grad():                                  # ... but a changed base weight is seen
+        twin.tok_embeddings.weight.add_(torch.randn_like(twin.tok_embeddings.weight))
+    moved = sameness.precision_agreement((model, "float32"), (twin, "float32"), tok, ids, GENERAL, 32, tmp_path / "c")
+    assert moved["general_same_closed"] < 1.0 and moved["general_same_icl"] < 1.0
