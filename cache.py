@@ -57,6 +57,12 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
+def learning_settings(cfg) -> dict:
+    """The training settings as recorded in cache and results keys; --anchor-every only when it is
+    not 1, so that adapters and results of runs from before the option keep their keys."""
+    return {k: v for k, v in asdict(cfg).items() if not (k == "anchor_every" and v == 1)}
+
+
 def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,
                  init: Optional[str]) -> str:
     """A hash of everything but the document that changes the trained adapter: base model and
@@ -64,7 +70,7 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
-    train = {k: v for k, v in asdict(train_cfg).items() if k != "compile"}
+    train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": train,
                        "qa": qa, "synth_qa": synth, "prompts": prompts,

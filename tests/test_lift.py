@@ -397,3 +397,32 @@ def test_gate_trace_records_every_probe_per_layer(tiny_dir):
         assert len(r["gate_per_layer"][probe]) == len(r["steps"])
         assert all(len(v) == model.cfg.n_layers and all(0 < g < 1 for g in v) for v in r["gate_per_layer"][probe])
         assert all(0 <= s <= 1 for v in r["memory_share_per_layer"][probe] for s in v)
+
+
+def test_anchor_every_n_batches_runs_the_anchor_that_often_with_n_times_its_weight(tiny_dir, monkeypatch):
+    """--anchor-every 2: the anchor follows batches 0, 2, 4, ... and its KL counts twice; 1 (the
+    default) is every batch and leaves the adapter cache's key as it was before the option."""
+    import cache
+    import lift
+    from data import DataConfig, Example
+    model, tok = load_model(str(tiny_dir))
+    ids = tok.encode(TEXT)
+    plan = [[Example(ids[i:i + 24], ids[i:i + 24]) for i in range(0, 40, 8)]]         # 5 batches
+    weights, real = [], lift.anchor_loss
+
+    def spied(m, ex, cfg):                   # records the weight each anchor KL enters the gradient with
+        kl = real(m, ex, cfg)
+        kl.register_hook(lambda g: weights.append(g.item()))
+        return kl
+    monkeypatch.setattr(lift, "anchor_loss", spied)
+    for every, calls in ((1, 5), (2, 3), (5, 1)):
+        gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+        weights.clear()
+        lift.train_adapter(model, plan, TrainConfig(dtype="float32", anchor_every=every), progress=False,
+                           anchors=[Example(ids[3:23], ids[3:23])])
+        assert weights == pytest.approx([float(every)] * calls)            # one step per batch: weight N
+    key = lambda cfg: cache.settings_key(model, tok, DataConfig(), gm.GatedMemoryConfig(), cfg, [], 0, None)
+    assert "anchor_every" not in cache.learning_settings(TrainConfig())
+    assert key(TrainConfig(anchor_every=2)) != key(TrainConfig())
+    with pytest.raises(UserError):
+        TrainConfig(anchor_every=0)
