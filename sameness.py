@@ -109,6 +109,13 @@ def set_gate_floor(model, floor: float) -> None:
         m.gate_floor = floor
 
 
+def emit(out: Path, row: dict) -> None:
+    """One summary line per setting, appended as it is measured, and shown."""
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sameness.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, help="a benchmark .jsonl (eval.py generate writes one)")
@@ -157,11 +164,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     answers = out.with_name(out.stem + "_answers.jsonl")
     if args.versus_dtype:
-        row = {"doc": doc["id"], "base": dtype, "versus": args.versus_dtype,
-               **precision_agreement((model, dtype), (other, args.versus_dtype), tok, ids, general, args.context, answers)}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row))
+        emit(out, {"doc": doc["id"], "base": dtype, "versus": args.versus_dtype,
+                   **precision_agreement((model, dtype), (other, args.versus_dtype), tok, ids, general, args.context,
+                                         answers)})
         return 0
     for tau in args.floors:
         if tau is not None:
@@ -171,9 +176,7 @@ def main(argv=None) -> int:
                "gate_floor": tau, **general_ability(model, tok, doc, ids, general, args.context, dtype, answers,
                                                     f"floor {tau}"),
                **document_answers(model, tok, doc, ids, args.context, dtype, args.max_new_tokens)}
-        with out.open("a") as f:               # one line per setting, appended as it is measured
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row))
+        emit(out, row)
     return 0
 
 
