@@ -43,6 +43,10 @@ class GatedMemoryConfig:
     gate_scale: float = option(3.0, "g = σ(gate_scale · (u − gate_shift)); the paper: 3")
     gate_shift: float = option(1.0, "the paper: 1, so a fresh gate (u ≈ 0) is σ(−3) ≈ 0.047")
     init_std: float = option(1e-3, "std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))")
+    memory_reads: str = option("head", "what each head's memory reads: 'head', its own query (the paper); 'layer', "
+                                       "the queries of all the layer's heads, i.e. the whole normalised residual stream "
+                                       "through the frozen wq, at the same parameter count (our extension)",
+                               choices=("head", "layer"))
     gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
                                     "so that a shut head passes the base's attention unchanged (0 = the paper)")
 
@@ -55,6 +59,16 @@ class GatedMemoryConfig:
     def gate_hidden(self, head_dim: int) -> int:
         return self.gate_width or math.isqrt(head_dim)
 
+    def memory_shape(self, n_heads: int, head_dim: int) -> tuple[int, int]:
+        """(input width, hidden width) of one head's memory. Reading the whole layer's queries
+        (H·D wide), the hidden width shrinks so that a head keeps the paper's weight count,
+        D·2D + 2D·D = 4D² at memory_mult 2 (26 hidden units for SmolLM2's H = 9, D = 64)."""
+        hidden = self.memory_mult * head_dim
+        if self.memory_reads == "head":
+            return head_dim, hidden
+        wide = n_heads * head_dim
+        return wide, max(1, round(hidden * 2 * head_dim / (wide + head_dim)))
+
 
 class GatedMemory(nn.Module):
     """Memory and gate MLPs for the H query heads of one layer; each head has its own weights,
@@ -62,13 +76,14 @@ class GatedMemory(nn.Module):
 
     def __init__(self, n_heads: int, head_dim: int, cfg: GatedMemoryConfig):
         super().__init__()
-        H, D, W, R = n_heads, head_dim, cfg.memory_mult * head_dim, cfg.gate_hidden(head_dim)
+        H, D, R = n_heads, head_dim, cfg.gate_hidden(head_dim)
+        I, W = cfg.memory_shape(H, D)                        # the memory's input and hidden widths
         self.cfg = cfg
-        self.mem_in = nn.Parameter(torch.empty(H, D, W))     # W1_h
+        self.mem_in = nn.Parameter(torch.empty(H, I, W))     # W1_h
         self.mem_out = nn.Parameter(torch.empty(H, W, D))    # W2_h
         self.gate_in = nn.Parameter(torch.empty(H, D, R))    # W1'_h
         self.gate_out = nn.Parameter(torch.empty(H, R))      # w2_h
-        nn.init.uniform_(self.mem_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
+        nn.init.uniform_(self.mem_in, -1 / math.sqrt(I), 1 / math.sqrt(I))
         nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
         nn.init.normal_(self.mem_out, std=cfg.init_std)
         nn.init.normal_(self.gate_out, std=cfg.init_std)
@@ -89,6 +104,9 @@ class GatedMemory(nn.Module):
 
     def memory(self, q: torch.Tensor) -> torch.Tensor:
         """m(q). q: (B, T, H, D) -> (B, T, H, D)."""
+        if self.cfg.memory_reads == "layer":       # every head reads all H queries, (B, T, H·D)
+            h = F.silu(torch.einsum("bti,hiw->bthw", q.flatten(2), self.mem_in))
+            return torch.einsum("bthw,hwd->bthd", h, self.mem_out)
         h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))          # (B, T, H, 2D)
         return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
 

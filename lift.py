@@ -38,10 +38,11 @@ ADAPTERS = {"gated_memory": gated_memory, "lora": lora}
 CONFIGS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
 
 
-def adapter_config(name: str, lora_rank: int = 16, gm: Optional[gated_memory.GatedMemoryConfig] = None):
-    """Settings of an adapter by name (Gated Memory: `gm` or the defaults); LoRA scaled by
-    alpha = 2·rank, as in every run reported here."""
-    return (gm or gated_memory.GatedMemoryConfig()) if name == "gated_memory" else lora.LoRAConfig(lora_rank, 2.0 * lora_rank)
+def adapter_config(name: str, lora_rank: int = 16, gm=None, lora_targets: str = "all"):
+    """An adapter's settings by name (Gated Memory: the GatedMemoryConfig `gm` or the defaults);
+    LoRA with alpha = 2·rank, as in every run reported here."""
+    return ((gm or gated_memory.GatedMemoryConfig()) if name == "gated_memory"
+            else lora.LoRAConfig(lora_rank, 2.0 * lora_rank, lora_targets))
 
 
 class TrainingError(UserError):
@@ -69,9 +70,8 @@ class TrainConfig:
                                       "--anchor > 0, Gated Memory only): asks the gate itself to stay shut there")
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
-    compile: bool = option(False, "torch.compile the model's blocks for training (needs a C++ compiler): "
-                                  "the first steps wait ~20-30 s for the compiler; a lone window step then "
-                                  "runs ~1.2-1.3x faster on a CPU, a whole LIFT run ~1.08x (README, Speed)")
+    compile: bool = option(False, "torch.compile the model's blocks (needs a C++ compiler; ~20-30 s to compile): "
+                                  "a lone window step ~1.2-1.3x faster on a CPU, a LIFT run ~1.08x (README, Speed)")
     seed: int = option(0, "random seed: adapter initialisation, data order")
 
     def __post_init__(self):

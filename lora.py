@@ -22,14 +22,18 @@ from checkpoint import write_adapter_file
 from model import ConfigError, Transformer
 from options import option
 
-TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+TARGETS = {"attention": ("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
+           "feed_forward": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+TARGETS["all"] = TARGETS["attention"] + TARGETS["feed_forward"]
 
 
 @dataclass
 class LoRAConfig:
     rank: int = option(16, "r (the paper's PiSSA baseline: r = 128 on an 8B model)")
     alpha: float = option(32.0, "the update is scaled by alpha / rank")
+    targets: str = option("all", "which projections get an update: all, attention (wq wk wv wo) or "
+                                 "feed_forward (w1 w2 w3), to see where a document's facts are stored",
+                          choices=tuple(TARGETS))
 
 
 class LoRA(nn.Module):
@@ -61,7 +65,7 @@ def attach(model: Transformer, cfg: LoRAConfig, seed: Optional[int] = None) -> l
     model.lora = nn.ModuleDict()
     model._lora_handles = []
     for i, layer in enumerate(model.layers):
-        for target in TARGETS:
+        for target in TARGETS[cfg.targets]:
             linear = layer.get_submodule(target)
             lora = LoRA(linear.in_features, linear.out_features, cfg).to(device)
             model.lora[f"{i}_{target.replace('.', '_')}"] = lora

@@ -33,6 +33,7 @@ import torch
 import benchmarks as bm
 import gated_memory
 import lift
+import lora
 from cache import anchor_set
 from checkpoint import load_model
 from compute import autocast, resolve_dtype
@@ -115,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", type=int, default=32, help="how many names of the document to ask about")
     p.add_argument("--adapter", choices=sorted(lift.ADAPTERS), default="gated_memory")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA's rank (alpha 2·rank)")
+    p.add_argument("--lora-targets", choices=tuple(lora.TARGETS), default="all",
+                   help="the projections LoRA updates (all; attention: wq wk wv wo; feed_forward: w1 w2 w3)")
     p.add_argument("--train-on", choices=("alone", "in_context"), default="alone",
                    help="ask the training questions without the document (LIFT) or after its truncated copy "
                         "(LIFT+ICL); both forms are measured")
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
             raise UserError(f"{args.doc}: no name's sentence lies outside the {args.context}-token context")
         forms = {"alone": fact_examples(tok, facts), "in_context": fact_examples(tok, facts, context)}
         adapter_cfg = (from_args(gated_memory.GatedMemoryConfig, args) if args.adapter == "gated_memory"
-                       else adapter_config("lora", args.lora_rank))
+                       else adapter_config("lora", args.lora_rank, lora_targets=args.lora_targets))
         anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor else ()
         points = curve(model, forms, args.train_on, adapter_cfg, train_cfg, anchors, args.every)
     except UserError as e:

@@ -163,3 +163,21 @@ def test_disabled_context_runs_the_base_model_and_restores_the_adapter():
     with torch.no_grad(), gm.disabled(model):
         assert torch.equal(model(IDS), base(IDS))
     assert len(gm.adapters(model)) == model.cfg.n_layers
+
+
+def test_a_memory_reading_the_layer_sees_every_heads_query_at_the_papers_weight_count():
+    """--memory-reads layer: head h's memory changes when another head's query changes (the paper's
+    reads only its own), with about the paper's number of memory weights (H = 9, D = 64: SmolLM2)."""
+    torch.manual_seed(0)
+    own, layer = (gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_reads=r)) for r in ("head", "layer"))
+    for mem in (own, layer):
+        with torch.no_grad():
+            mem.mem_out.normal_(std=0.3)
+    q = torch.randn(1, 5, 4, 16)
+    other = q.clone()
+    other[:, :, 1] += 1.0                                      # only head 1's query moves
+    assert torch.equal(own.memory(q)[:, :, 0], own.memory(other)[:, :, 0])
+    assert not torch.allclose(layer.memory(q)[:, :, 0], layer.memory(other)[:, :, 0])
+    weights = {r: sum(p.numel() for n, p in gm.GatedMemory(9, 64, gm.GatedMemoryConfig(memory_reads=r))
+                      .named_parameters() if n.startswith("mem_")) for r in ("head", "layer")}
+    assert abs(weights["layer"] / weights["head"] - 1) < 0.02

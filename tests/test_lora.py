@@ -36,3 +36,16 @@ def test_lora_save_load_and_disable(tmp_path):
         assert torch.equal(fresh(IDS), want)
     with pytest.raises(ConfigError, match="another base model"):
         load_adapter_file(tiny_model(seed=3), str(tmp_path / "l.safetensors"))
+
+
+@pytest.mark.parametrize("targets, hooked", [("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3"))])
+def test_lora_on_part_of_the_block_updates_only_those_projections(targets, hooked):
+    base, model = tiny_model(), tiny_model()
+    lora.attach(model, lora.LoRAConfig(rank=4, targets=targets), seed=0)
+    names = {n.split("_", 1)[1] for n in model.lora}            # "0_attention_wq" -> "attention_wq"
+    assert {n.rsplit("_", 1)[1] for n in names} == set(hooked)
+    with torch.no_grad():
+        for a in lora.adapters(model):
+            a.B.normal_(std=0.1)
+        assert not torch.equal(model(IDS), base(IDS))          # the hooks that are there do act
+    assert len(lora.adapter_state_dict(model)) == 2 * len(hooked) * model.cfg.n_layers
