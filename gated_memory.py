@@ -13,6 +13,11 @@ and the o_h go on to the frozen output projection wo. Every base weight stays fr
 
 It plugs into model.py through the single hook `Attention.head_adapter`.
 
+One extension of ours, off by default: `memory_reads="layer"` gives each head's memory the queries
+of all the layer's heads (the whole normalised residual stream, through the frozen wq) at the
+same weight count, to measure how much the narrow 64-wide input slows storing (README, "Where
+each adapter writes": a little; the place the memory writes matters more).
+
 Initialisation (our choice; the released code applies kaiming-uniform to the stacked tensors,
 which gives other scales): the input layers W1, W1' get PyTorch's usual fan-in scale so their
 activations carry signal from the start; the output layers W2, w2 get tiny weights (std 1e-3),
@@ -104,10 +109,10 @@ class GatedMemory(nn.Module):
 
     def memory(self, q: torch.Tensor) -> torch.Tensor:
         """m(q). q: (B, T, H, D) -> (B, T, H, D)."""
-        if self.cfg.memory_reads == "layer":       # every head reads all H queries, (B, T, H·D)
+        if self.cfg.memory_reads == "layer":        # every head reads all H queries, (B, T, H·D)
             h = F.silu(torch.einsum("bti,hiw->bthw", q.flatten(2), self.mem_in))
-            return torch.einsum("bthw,hwd->bthd", h, self.mem_out)
-        h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))          # (B, T, H, 2D)
+        else:                                        # the paper: each head its own query
+            h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))      # (B, T, H, 2D)
         return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """A LoRA baseline for the paper's adapter ablation (arXiv 2502.14644, §4: Gated Memory against
 PiSSA, a LoRA variant): the same LIFT loop, but the trainable part is a low-rank update
     W x  ->  W x + (α / r) · B A x,     A: (r, in), B: (out, r)
-on the attention and feed-forward projections (wq, wk, wv, wo, w1, w2, w3) of every block.
+on the attention and feed-forward projections (wq, wk, wv, wo, w1, w2, w3) of every block, or on
+one of the two groups only (`targets`, a probe of where a document's facts are stored).
 
 It has the same interface as gated_memory.py (attach, remove, disabled, adapters, save, load) so
 that lift.py can train either. Departures: plain LoRA initialisation (A small random, B = 0, so a
