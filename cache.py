@@ -63,6 +63,13 @@ def learning_settings(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if not (k == "anchor_every" and v == 1)}
 
 
+def adapter_settings(cfg) -> dict:
+    """The adapter's settings as recorded in cache keys; the probes' options (memory_reads,
+    targets) only when not at their defaults, so that adapters cached before them keep their keys."""
+    probes = {"memory_reads": "head", "targets": "all"}
+    return {k: v for k, v in asdict(cfg).items() if probes.get(k, object()) != v}
+
+
 def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,
                  init: Optional[str]) -> str:
     """A hash of everything but the document that changes the trained adapter: base model and
@@ -72,7 +79,7 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
-                       "adapter": [type(adapter_cfg).__name__, asdict(adapter_cfg)], "train": train,
+                       "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,
                        "qa": qa, "synth_qa": synth, "prompts": prompts,
                        "init": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None},
                       sort_keys=True)
