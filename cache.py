@@ -57,10 +57,14 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
+LATER = {"anchor_every": 1, "study": "quote"}     # options added after adapters were cached, at their defaults
+
+
 def learning_settings(cfg) -> dict:
-    """The training settings as recorded in cache and results keys; --anchor-every only when it is
-    not 1, so that adapters and results of runs from before the option keep their keys."""
-    return {k: v for k, v in asdict(cfg).items() if not (k == "anchor_every" and v == 1)}
+    """The training or data settings as recorded in cache and results keys; an option added later
+    (LATER) only when it is not at its default, so that adapters and results of runs from before
+    the option keep their keys."""
+    return {k: v for k, v in asdict(cfg).items() if LATER.get(k, object()) != v}
 
 
 def adapter_settings(cfg) -> dict:
@@ -77,8 +81,9 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
+    prompts += [distill.CLOZE] if data_cfg.study == "cloze" else []
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
-    blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": asdict(data_cfg),
+    blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": learning_settings(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,
                        "qa": qa, "synth_qa": synth, "prompts": prompts,
                        "init": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None},

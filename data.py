@@ -46,12 +46,17 @@ class DataConfig:
     distill: int = option(0, "self-study questions (our extension, distill.py): up to N questions about the "
                              "document's names, answered by quoting its sentence, plus N/2 unrelated questions "
                              "answered as the base model does with the document in context. 0 = off")
+    study: str = option("quote", "what --distill's questions ask: quote (a name → the document's sentence naming "
+                                 "it) or cloze (a sentence with a name or number blanked → that name or number)",
+                        choices=("quote", "cloze"))
 
     def __post_init__(self):
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
         if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0 or self.distill < 0:
             raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
+        if self.study not in ("quote", "cloze"):
+            raise DataError(f"--study {self.study}: choose quote or cloze")
 
     @property
     def step(self) -> int:

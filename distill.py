@@ -9,9 +9,15 @@
    document, so the gate learns "does this look like the document?", not "does this query need
    the document?" (README, "The method's quality"). Both kinds of examples below use the LIFT+ICL
    prompt, the truncated document then the question, exactly as at answer time:
-     - names: for up to N names in the document, "What does the text say about <name>?" answered
-       `The text says: "<the first sentence naming it>"`, with cross-entropy (auxiliary QA whose
-       pairs a rule writes, so every answer is true);
+     - names (--study quote, the default): for up to N names in the document, "What does the text
+       say about <name>?" answered `The text says: "<the first sentence naming it>"`, with
+       cross-entropy (auxiliary QA whose pairs a rule writes, so every answer is true);
+     - or blanks (--study cloze): up to N names *and numbers*, each asked the other way round, from
+       its sentence to it: `Fill in the blank from the text: "<the sentence, the name → ___>"`,
+       answered with the name or number. A user's question gives the sentence's other words and
+       asks for the name ("Who founded the town band?"); the quote asks the name for the sentence.
+       A model that learns "A is B" does not thereby answer "B is?" (the "reversal curse"), so the
+       direction studied may matter; README "The same recipe on the demo's prose" measures it;
      - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
        greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
        answer as ICL does wherever the absorbed document does not help.
@@ -43,8 +49,18 @@ RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2" 
 REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer
 QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
+CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
+BLANK = "___"
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
+# A number of two digits or more, with thousands commas ("1,240", "1743"; "Chapter 1" is no fact).
+NUMBER = re.compile(r"\b\d[\d,]*\d\b")
+
+
+def mention(name: str, sentence: str):
+    """Where `sentence` mentions `name` (a match, or None): a name anywhere, a number only whole
+    ("86" is not in "1,860")."""
+    return re.search(rf"(?<![\w,]){re.escape(name)}(?!\w|,\d)" if name[0].isdigit() else re.escape(name), sentence)
 
 
 def names(text: str) -> list[str]:
@@ -63,14 +79,26 @@ def names(text: str) -> list[str]:
     return [n for n in seen if " " in n or n not in parts]
 
 
-def statements(text: str, limit: int) -> list[tuple[str, str]]:
-    """(name, the first sentence of the text that names it) for up to `limit` names, spread
-    evenly over the text."""
+def statements(text: str, limit: int, numbers: bool = False) -> list[tuple[str, str]]:
+    """(name, the first sentence of the text that names it) for up to `limit` names (and, with
+    `numbers`, numbers, in order of first appearance), spread evenly over the text."""
     found = names(text)
+    if numbers:
+        first = {n: text.find(n) for n in found} | {m.group(0): m.start() for m in reversed(list(NUMBER.finditer(text)))}
+        found = sorted(first, key=first.get)
     if len(found) > limit:                                   # keep names from the whole document
         found = [found[round(i * (len(found) - 1) / max(1, limit - 1))] for i in range(limit)]
     told = sentences(text)
-    return [(name, next(s for s in told if name in s)) for name in found if any(name in s for s in told)]
+    return [(name, next(s for s in told if mention(name, s))) for name in found if any(mention(name, s) for s in told)]
+
+
+def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
+    """(question, reply, what a correct reply contains) for each self-study question of --study."""
+    if cfg.study == "cloze":
+        return [(CLOZE.format(statement[:(m := mention(name, statement)).start()] + BLANK + statement[m.end():]), name, name)
+                for name, statement in statements(text, cfg.distill, numbers=True)]
+    return [(QUESTION.format(name), REPLY.format(statement), statement.rstrip("."))
+            for name, statement in statements(text, cfg.distill)]
 
 
 @torch.no_grad()
@@ -96,21 +124,20 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
     answers as ICL does wherever the absorbed document does not help.
     Call with no adapter attached: the teacher is the model as it is."""
     context = truncate_middle(doc, cfg.context, tok)
-    named = [qa_example(tok, QUESTION.format(name), REPLY.format(statement), context)
-             for name, statement in statements(tok.decode(doc), cfg.distill)]
+    named = [qa_example(tok, question, reply, context) for question, reply, _ in study_pairs(tok.decode(doc), cfg)]
     unrelated = anchor_questions()[:max(1, cfg.distill // 2)]
     return named + [teacher_example(model, tok, q, context, dtype)
                     for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]
 
 
 def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> float:
-    """After LIFT with --distill: the share of its own name questions that the adapted model
-    answers (LIFT+ICL, greedy) with the quoted sentence. A training-fit check: a question it was
-    trained on but cannot answer shows what the adapter did *not* store."""
-    pairs = statements(tok.decode(doc), cfg.distill)
-    hits = [statement.rstrip(".") in answer(model, tok, QUESTION.format(name), doc, mode="lift+icl",
-                                            context=cfg.context, max_new_tokens=REPLY_TOKENS, dtype=dtype)
-            for name, statement in pairs]
+    """After LIFT with --distill: the share of its own self-study questions that the adapted model
+    answers (LIFT+ICL, greedy) with the quoted sentence (or the blanked name). A training-fit
+    check: a question it was trained on but cannot answer shows what the adapter did *not* store."""
+    pairs = study_pairs(tok.decode(doc), cfg)
+    hits = [expected in answer(model, tok, question, doc, mode="lift+icl",
+                               context=cfg.context, max_new_tokens=REPLY_TOKENS, dtype=dtype)
+            for question, _, expected in pairs]
     return sum(hits) / max(1, len(hits))
 
 

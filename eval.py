@@ -60,7 +60,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     if len(set(ids_seen)) != len(ids_seen):
         raise DataError(f"document ids repeat ({sorted({i for i in ids_seen if ids_seen.count(i) > 1})[:3]}): "
                         f"each document needs its own id")
-    settings = {"data": asdict(data_cfg), "train": learning_settings(train_cfg), "model": model_name,
+    settings = {"data": learning_settings(data_cfg), "train": learning_settings(train_cfg), "model": model_name,
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
     if gm_cfg != GatedMemoryConfig():   # only when set, so that folders of earlier runs keep their key
         settings["gated_memory"] = asdict(gm_cfg)

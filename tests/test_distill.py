@@ -102,3 +102,25 @@ def test_a_mixed_batch_sums_each_examples_own_loss(tiny_dir):
     alone = [batch_loss(model, [ex], cfg) for ex in (window, taught)]
     assert n == alone[0][1] + alone[1][1]
     assert together.item() == pytest.approx(alone[0][0].item() + alone[1][0].item(), rel=1e-4)
+
+
+def test_cloze_blanks_each_name_and_whole_number_in_its_first_sentence():
+    from distill import BLANK, CLOZE, study_pairs
+    text = ("In 1724 the mill was built by Edric Hallowmere. It held 86 sacks. "
+            "In 1,860 days Hallowmere sold it for 800 crowns. It closed in part 2 of the story.")
+    pairs = study_pairs(text, DataConfig(distill=10, study="cloze"))
+    assert [reply for _, reply, _ in pairs] == ["1724", "Edric Hallowmere", "86", "1,860", "800"]   # no "2"
+    assert pairs[0][0] == CLOZE.format(f"In {BLANK} the mill was built by Edric Hallowmere.")
+    assert pairs[2][0] == CLOZE.format(f"It held {BLANK} sacks.")            # not the "86" of "1,860"
+    assert all(q.count(BLANK) == 1 and reply not in q for q, reply, _ in pairs)
+    quoted = study_pairs(text, DataConfig(distill=10))                          # the default asks the other way
+    assert quoted == [(QUESTION.format("Edric Hallowmere"), REPLY.format("In 1724 the mill was built by Edric Hallowmere."),
+                       "In 1724 the mill was built by Edric Hallowmere")]
+
+
+def test_the_study_direction_is_in_the_cache_key_only_when_it_is_not_the_default():
+    from cache import learning_settings
+    assert "study" not in learning_settings(DataConfig())                       # older adapters keep their keys
+    assert learning_settings(DataConfig(study="cloze"))["study"] == "cloze"
+    with pytest.raises(ValueError, match="--study"):
+        DataConfig(study="both")
