@@ -130,15 +130,15 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
                     for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]
 
 
-def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> float:
-    """After LIFT with --distill: the share of its own self-study questions that the adapted model
-    answers (LIFT+ICL, greedy) with the quoted sentence (or the blanked name). A training-fit
-    check: a question it was trained on but cannot answer shows what the adapter did *not* store."""
-    pairs = study_pairs(tok.decode(doc), cfg)
-    hits = [expected in answer(model, tok, question, doc, mode="lift+icl",
-                               context=cfg.context, max_new_tokens=REPLY_TOKENS, dtype=dtype)
-            for question, _, expected in pairs]
-    return sum(hits) / max(1, len(hits))
+def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> list[tuple[str, bool]]:
+    """After LIFT with --distill: each of its own self-study questions, and whether the adapted
+    model answers it (LIFT+ICL, greedy) with the quoted sentence or the blanked name. A
+    training-fit check: a question it was trained on but cannot answer shows what the adapter did
+    *not* store; one it answers while a user's question on the same fact fails shows a fact stored
+    but not reached by the user's words."""
+    return [(question, expected in answer(model, tok, question, doc, mode="lift+icl", context=cfg.context,
+                                          max_new_tokens=REPLY_TOKENS, dtype=dtype))
+            for question, _, expected in study_pairs(tok.decode(doc), cfg)]
 
 
 # ----------------------------------------------------------------------------- the anchor's replies

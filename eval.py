@@ -112,7 +112,9 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
                                     adapter) if general else {}
             if data_cfg.distill:       # how many of its own self-study questions the adapter answers
-                extra["study_recall"] = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
+                hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
+                extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))
+                extra["study_missed"] = [q for q, hit in hits if not hit]
             with (out / "absorb.jsonl").open("a") as f:
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "doc_tokens": len(ids), "trained_now": res.trained,
                                     "absorb_seconds": absorb_s, "doc_loss_before": before, "doc_loss_after": after,

@@ -86,7 +86,8 @@ def test_recall_counts_the_self_study_questions_answered_with_their_sentence(mon
     tok = type("Tok", (), {"decode": staticmethod(lambda ids: text)})()
     said = {"Ysolde Parrin": 'The text says: "The bell was cast by Ysolde Parrin."', "Edric Hallowmere": "I do not know."}
     monkeypatch.setattr(distill, "answer", lambda m, t, q, d, **k: next(v for n, v in said.items() if n in q))
-    assert distill.recalled(None, tok, [1], DataConfig(distill=4), "float32") == 0.5
+    assert distill.recalled(None, tok, [1], DataConfig(distill=4), "float32") == [
+        (QUESTION.format("Ysolde Parrin"), True), (QUESTION.format("Edric Hallowmere"), False)]
 
 
 def test_a_mixed_batch_sums_each_examples_own_loss(tiny_dir):
