@@ -44,7 +44,7 @@ class DataConfig:
                                          "document and a recite instruction before each window")
     qa_start_epoch: int = option(3, "epochs on windows only before QA pairs join the mix (released: 3)")
     distill: int = option(0, "self-study questions (our extension, distill.py): up to N questions about the "
-                             "document's names, answered by quoting its sentence, plus N/2 unrelated questions "
+                             "document's names (as --study says), plus N/2 unrelated questions "
                              "answered as the base model does with the document in context. 0 = off")
     study: str = option("quote", "what --distill's questions ask: quote (a name → the document's sentence naming "
                                  "it) or cloze (a sentence with a name or number blanked → that name or number)",
