@@ -143,9 +143,9 @@ def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> list[tu
     model answers it (LIFT+ICL, greedy) with the quoted sentence or the blanked name. A
     training-fit check: a question it was trained on but cannot answer shows what the adapter did
     *not* store; one it answers while a user's question on the same fact fails shows a fact stored
-    but not reached by the user's words."""
-    return [(question, expected in answer(model, tok, question, doc, mode="lift+icl", context=cfg.context,
-                                          max_new_tokens=REPLY_TOKENS, dtype=dtype))
+    but not reached by the user's words. A blanked number counts only whole (`mention`)."""
+    return [(question, bool(mention(expected, answer(model, tok, question, doc, mode="lift+icl", context=cfg.context,
+                                                     max_new_tokens=REPLY_TOKENS, dtype=dtype))))
             for question, _, expected in study_pairs(tok.decode(doc), cfg)]
 
 

@@ -90,6 +90,18 @@ def test_recall_counts_the_self_study_questions_answered_with_their_sentence(mon
         (QUESTION.format("Ysolde Parrin"), True), (QUESTION.format("Edric Hallowmere"), False)]
 
 
+def test_recall_of_a_blanked_number_needs_the_whole_number(monkeypatch):
+    """--study cloze: the blank "___ barrels" (86) is not recalled by a reply that says 1,860."""
+    import distill
+    text = "the valley was quiet. The cellar held 86 barrels of cider."
+    tok = type("Tok", (), {"decode": staticmethod(lambda ids: text)})()
+    cfg = DataConfig(distill=4, study="cloze")
+    for reply, hit in [("It held 1,860 barrels.", False), ("It held 86 barrels.", True)]:
+        monkeypatch.setattr(distill, "answer", lambda m, t, q, d, **k: reply)
+        assert distill.recalled(None, tok, [1], cfg, "float32") == [
+            ('Fill in the blank from the text: "The cellar held ___ barrels of cider."', hit)]
+
+
 def test_a_mixed_batch_sums_each_examples_own_loss(tiny_dir):
     """Cross-entropy and KL examples in one padded batch: the loss is the sum of their own losses."""
     from data import Example
