@@ -68,10 +68,11 @@ def learning_settings(cfg) -> dict:
 
 
 def adapter_settings(cfg) -> dict:
-    """The adapter's settings as recorded in cache keys; the probes' options (memory_reads,
-    targets) only when not at their defaults, so that adapters cached before them keep their keys."""
-    probes = {"memory_reads": "head", "targets": "all"}
-    return {k: v for k, v in asdict(cfg).items() if probes.get(k, object()) != v}
+    """The adapter's settings as recorded in cache keys; options added later (the probes'
+    memory_reads and targets, head_lora) only when not at their defaults, so that adapters cached
+    before them keep their keys."""
+    later = {"memory_reads": "head", "targets": "all", "head_lora": 0}
+    return {k: v for k, v in asdict(cfg).items() if later.get(k, object()) != v}
 
 
 def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,

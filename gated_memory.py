@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import write_adapter_file
+from lora import LoRA, LoRAConfig
 from model import ConfigError, Transformer
 from options import option
 
@@ -54,6 +55,8 @@ class GatedMemoryConfig:
                                choices=("head", "layer"))
     gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
                                     "so that a shut head passes the base's attention unchanged (0 = the paper)")
+    head_lora: int = option(0, "rank of a LoRA on the output head trained beside the memory, alpha = 2·rank "
+                               "(the released code: rank 2, alpha 4); 0 = none")
 
     def __post_init__(self):
         fresh = 1 / (1 + math.exp(self.gate_scale * self.gate_shift))      # g of a fresh adapter, σ(−scale·shift)
@@ -150,6 +153,10 @@ def attach(model: Transformer, cfg: GatedMemoryConfig, seed: Optional[int] = Non
         mem = GatedMemory(model.cfg.n_heads, model.cfg.head_dim, cfg).to(device)
         layer.attention.head_adapter = mem
         adapters.append(mem)
+    # The released code's second part: a rank-2 LoRA on the output head (tied to the embeddings
+    # here, so an added (α/r)·B A x on the final states, not a hook on a module), B = 0 at first.
+    model.output_adapter = (LoRA(model.cfg.dim, model.cfg.vocab_size, LoRAConfig(cfg.head_lora, 2.0 * cfg.head_lora))
+                            .to(device) if cfg.head_lora else None)
     if seed is not None:
         torch.random.set_rng_state(gen_state)
     mark_only_adapter_trainable(model)
@@ -164,28 +171,30 @@ def adapters(model: Transformer) -> list[GatedMemory]:
 def remove(model: Transformer) -> None:
     for layer in model.layers:
         layer.attention.head_adapter = None
-    model.adapter_config = None
+    model.output_adapter, model.adapter_config = None, None
 
 
 @contextmanager
 def disabled(model: Transformer):
     """Run the plain base model for a while (ICL mode), then put the adapters back."""
-    saved = [l.attention.head_adapter for l in model.layers]
+    saved, head = [l.attention.head_adapter for l in model.layers], model.output_adapter
     for layer in model.layers:
         layer.attention.head_adapter = None
+    model.output_adapter = None
     try:
         yield
     finally:
         for layer, a in zip(model.layers, saved):
             layer.attention.head_adapter = a
+        model.output_adapter = head
 
 
 def is_adapter_param(name: str) -> bool:
-    return ".head_adapter." in name
+    return ".head_adapter." in name or name.startswith("output_adapter.")
 
 
 def mark_only_adapter_trainable(model: Transformer) -> None:
-    """Freeze every base weight; train only the Gated Memory MLPs."""
+    """Freeze every base weight; train only the Gated Memory MLPs (and the output head's LoRA)."""
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(name))
 

@@ -2,10 +2,11 @@
 
 This file is the plain decoder of Llama 2/3 and its relatives (SmolLM2 is one): RMSNorm,
 rotary position embedding, grouped-query attention, a SwiGLU feed-forward, a KV cache and
-`generate`. It holds no LIFT code. The one place where LIFT's Gated Memory (arXiv 2502.14644
-§3.3, see gated_memory.py) plugs in is `Attention.head_adapter`: a module that may replace each
-head's attention output by a mix of that output and something computed from the head's query
-*before* rotary embedding. With no adapter attached the model is a vanilla Llama.
+`generate`. It holds no LIFT code. The place where LIFT's Gated Memory (arXiv 2502.14644 §3.3, see
+gated_memory.py) plugs in is `Attention.head_adapter`: a module that may replace each head's
+attention output by a mix of that output and something computed from the head's query *before*
+rotary embedding; `Transformer.output_adapter` may add to the logits (the released code's small
+LoRA on the output head). With no adapter attached the model is a vanilla Llama.
 
 Loading checkpoints (Hugging Face directories, hub ids, GGUF files) and the tokenizer live in
 checkpoint.py, so that this file stays about the model alone.
@@ -262,6 +263,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # A second extension point: if set, output_adapter(x) for the normed final states x (..., C)
+        # is added to the logits (..., V). The released Gated Memory trains a rank-2 LoRA there.
+        self.output_adapter: Optional[nn.Module] = None
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
                 last_only: bool = False, grad_checkpoint: bool = False,
@@ -290,7 +294,8 @@ class Transformer(nn.Module):
             x = x[logits_at]                                                 # (N, C)
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, head)                                             # (B, T, V)
+        logits = F.linear(x, head)                                           # (B, T, V)
+        return logits if self.output_adapter is None else logits + self.output_adapter(x)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -181,3 +181,31 @@ def test_a_memory_reading_the_layer_sees_every_heads_query_at_the_papers_weight_
     weights = {r: sum(p.numel() for n, p in gm.GatedMemory(9, 64, gm.GatedMemoryConfig(memory_reads=r))
                       .named_parameters() if n.startswith("mem_")) for r in ("head", "layer")}
     assert abs(weights["layer"] / weights["head"] - 1) < 0.02
+
+
+def test_the_output_heads_lora_starts_as_a_no_op_trains_saves_and_switches_off(tmp_path):
+    """--head-lora 2 (the released code's rank-2 LoRA on the output head, alpha 4): B = 0, so a
+    fresh one adds nothing to the logits; it is trainable beside the memory, gets a gradient, is
+    saved and restored with it, and gm.disabled switches it off with the memory."""
+    plain, model = with_adapter(), with_adapter(head_lora=2)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), plain(IDS))
+    head = {n for n in gm.trainable_parameters(model) if n.startswith("output_adapter.")}
+    assert head == {"output_adapter.A", "output_adapter.B"} and model.output_adapter.scale == 2.0
+    assert model.output_adapter.B.shape == (model.cfg.vocab_size, 2)
+    F.cross_entropy(model(IDS)[0, :-1], IDS[0, 1:]).backward()
+    assert model.output_adapter.B.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.output_adapter.B.normal_(std=0.5)
+        want = model(IDS)
+        assert not torch.equal(want, plain(IDS))
+        with gm.disabled(model):
+            assert torch.equal(model(IDS), tiny_model()(IDS))
+        assert torch.equal(model(IDS), want)
+    gm.save(model, str(tmp_path / "a.safetensors"))
+    fresh = tiny_model()
+    load_adapter_file(fresh, str(tmp_path / "a.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), want)
+    gm.remove(fresh)
+    assert fresh.output_adapter is None and not gm.adapters(fresh)

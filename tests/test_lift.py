@@ -273,7 +273,8 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
                 replace(data, contextualized=True), replace(data, qa_start_epoch=1), replace(data, distill=4)]
     keys = [settings_key(model, tok, d, adapter, train, [], 0, None) for d in variants]
     keys += [settings_key(model, tok, data, replace(adapter, memory_mult=1), train, [], 0, None),
-             settings_key(model, tok, data, replace(adapter, memory_reads="layer"), train, [], 0, None)]  # a probe, set
+             settings_key(model, tok, data, replace(adapter, memory_reads="layer"), train, [], 0, None),  # a probe, set
+             settings_key(model, tok, data, replace(adapter, head_lora=2), train, [], 0, None)]
     for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "seed"):
         value = getattr(train, field)
         keys.append(settings_key(model, tok, data, adapter, replace(train, **{field: value * 2 + 1}), [], 0, None))
