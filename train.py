@@ -22,6 +22,7 @@ import torch
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
+from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, adapter_config, answer, checked_prompt
 from options import UserError, add_options, from_args
 
@@ -41,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
                         "icl: base model + truncated document")
     add_options(p, DataConfig)
     add_options(p, TrainConfig)
+    add_options(p, GatedMemoryConfig, only=("head_lora",))
     p.add_argument("--qa", default=None, help="auxiliary QA pairs: JSONL with {\"question\", \"answer\"} per line")
     p.add_argument("--synth-qa", type=int, default=0, help="let the model write N QA pairs from the document "
                                                            "(kept only if their evidence is verbatim in it)")
@@ -72,12 +74,14 @@ def pick_device(name: str) -> torch.device:
 
 def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataConfig, train_cfg: TrainConfig,
          qa: str | None, synth_qa: int, adapter: str | None, no_cache: bool, device: str, threads: int,
-         max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0) -> int:
+         max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0, head_lora: int = 0) -> int:
     from checkpoint import load_model
     if max_new_tokens < 1 or synth_qa < 0 or threads < 0 or lora_rank < 0:
         raise UserError("--max-new-tokens must be at least 1; --synth-qa, --threads and --lora-rank cannot be negative")
     if lora_rank and init:
         raise UserError("--init starts a Gated Memory (made by `train.py sft`); it cannot start a LoRA adapter")
+    if head_lora < 0 or (head_lora and lora_rank):
+        raise UserError(f"--head-lora {head_lora}: a non-negative rank, and part of Gated Memory (not with --lora-rank)")
     if any(not q.strip() for q in ask):
         raise UserError("empty question")
     if threads:
@@ -92,7 +96,7 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     doc_ids = tok.encode(text)
     for q in ask:                                                # before training, not after
         checked_prompt(base, tok, q, doc_ids, mode, data_cfg.context, max_new_tokens)
-    adapter_cfg = adapter_config("lora" if lora_rank else "gated_memory", lora_rank)
+    adapter_cfg = adapter_config("lora" if lora_rank else "gated_memory", lora_rank, GatedMemoryConfig(head_lora=head_lora))
     if mode != "icl":
         result = absorb_cached(base, tok, text, data_cfg=data_cfg, adapter_cfg=adapter_cfg,
                                train_cfg=train_cfg, qa=pairs, synth=synth_qa, adapter_path=adapter,
@@ -137,7 +141,7 @@ def cli(argv=None) -> int:
                     train_cfg=from_args(TrainConfig, args), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
                     no_cache=args.no_cache, device=args.device, threads=args.threads,
                     max_new_tokens=args.max_new_tokens, quiet=args.quiet, init=args.init,
-                    lora_rank=args.lora_rank)
+                    lora_rank=args.lora_rank, head_lora=args.head_lora)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

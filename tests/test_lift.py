@@ -112,7 +112,7 @@ def test_every_help_text_prints(argv, capsys):
         assert "--" in sub.format_help()
 
 
-@pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"]])
+@pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"], ["--head-lora", "2"]])
 def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, adapter):
     args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
             "--context", "48", "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "4", "--quiet", *adapter]
@@ -134,6 +134,7 @@ def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, ada
     ("ok", ["--lr", "inf"], "learning rate"),
     ("ok", ["--init", "no-such-init.safetensors"], "no such file"),
     ("ok", ["--lora-rank", "-1"], "cannot be negative"),
+    ("ok", ["--lora-rank", "2", "--head-lora", "2"], "part of gated memory"),
 ])
 def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
     doc = tmp_path / "d.txt"
