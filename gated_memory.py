@@ -11,7 +11,9 @@ rotary embedding (the memory is about content, not position):
     o_h    = (1 − g_h) · Attn_h + g_h · m_h(q)
 and the o_h go on to the frozen output projection wo. Every base weight stays frozen.
 
-It plugs into model.py through the single hook `Attention.head_adapter`.
+It plugs into model.py through the hook `Attention.head_adapter`. The released code also trains a
+rank-2 LoRA (alpha 4) on the output head beside the memories: `head_lora` (off by default) puts
+one on `Transformer.output_adapter`.
 
 One extension of ours, off by default: `memory_reads="layer"` gives each head's memory the queries
 of all the layer's heads (the whole normalised residual stream, through the frozen wq) at the
@@ -153,7 +155,7 @@ def attach(model: Transformer, cfg: GatedMemoryConfig, seed: Optional[int] = Non
         mem = GatedMemory(model.cfg.n_heads, model.cfg.head_dim, cfg).to(device)
         layer.attention.head_adapter = mem
         adapters.append(mem)
-    # The released code's second part: a rank-2 LoRA on the output head (tied to the embeddings
+    # The released code's second part, if asked: a LoRA on the output head (tied to the embeddings
     # here, so an added (α/r)·B A x on the final states, not a hook on a module), B = 0 at first.
     model.output_adapter = (LoRA(model.cfg.dim, model.cfg.vocab_size, LoRAConfig(cfg.head_lora, 2.0 * cfg.head_lora))
                             .to(device) if cfg.head_lora else None)
