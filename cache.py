@@ -5,7 +5,8 @@ Not part of the method (lift.py is); this is what a tool around it needs. An ada
 beside its tensors (checkpoint.write_adapter_file): the base model's fingerprint, a checksum, the
 document's hash and the key of every setting that changes training. The cache folder is
 $LIFT_CACHE, or ~/.cache/lift; an entry is named by that key, so asking again about the same
-document with the same settings loads it instead of training.
+document with the same settings loads it instead of training. Beside an entry being trained lies
+its `.resume.pt` (resume.py), so that a stopped run goes on where it stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import data
 import distill
 import lift
 import synth_qa
+from adapters import ADAPTERS, attached, load_adapter_file
 from checkpoint import AdapterFileError, fingerprint
 from options import UserError
 
@@ -136,7 +138,8 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
                   synth: int = 0, adapter_path: Optional[str] = None, init: Optional[str] = None,
                   use_cache: bool = True, progress: bool = True, on_step=None) -> AbsorbResult:
     """lift.absorb, unless an adapter for exactly this document and these settings is stored:
-    in `adapter_path` (if that file exists) or in the cache. A trained adapter is saved to both."""
+    in `adapter_path` (if that file exists) or in the cache. A trained adapter is saved to both.
+    With the cache, a run that was stopped goes on from its last finished epoch (resume.py)."""
     doc, qa = tok.encode(text), list(qa)
     lift.check_fits(model, tok, doc, data_cfg)
     if init and not Path(init).is_file():
@@ -144,7 +147,7 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
     identity = {"doc": doc_hash(doc), "settings": settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa,
                                                                synth, init)}
     if adapter_path and Path(adapter_path).exists():
-        extra = lift.load_adapter_file(model, adapter_path)
+        extra = load_adapter_file(model, adapter_path)
         for what, name in (("doc", "another document"), ("settings", "other settings")):
             if extra.get(what) != identity[what]:
                 raise UserError(f"--adapter {adapter_path} was trained on {name}; remove it or choose another "
@@ -157,31 +160,40 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
         remove_stale_temporaries(folder)
         if cached.exists():
             try:
-                extra = lift.load_adapter_file(model, str(cached))
+                extra = load_adapter_file(model, str(cached))
                 if adapter_path:
-                    lift.attached(model).save(model, adapter_path, extra)
+                    attached(model).save(model, adapter_path, extra)
                 return AbsorbResult(str(cached), False, extra.get("stats", {}), extra.get("qa", []))
             except AdapterFileError as e:
                 print(f"warning: cache entry {cached.name} is unusable ({e}); training again in its place",
                       file=sys.stderr)
                 cached.unlink(missing_ok=True)
 
-    for kind in lift.ADAPTERS.values():
+    for kind in ADAPTERS.values():
         kind.remove(model)                               # synthetic pairs come from the base model
     if synth:
         qa += synth_qa.synthesize_qa(model, tok, text, synth, seed=train_cfg.seed, dtype=train_cfg.dtype,
                                      progress=progress)
     anchors = anchor_set(model, tok, train_cfg.dtype, use_cache) if train_cfg.anchor else None
     distilled = distill.distill_examples(model, tok, doc, data_cfg, train_cfg.dtype, progress) if data_cfg.distill else []
-    stats = lift.absorb(model, tok, doc, qa, data_cfg=data_cfg, adapter_cfg=adapter_cfg, train_cfg=train_cfg,
-                        init=init, progress=progress, anchors=anchors, on_step=on_step, distilled=distilled)
+    unfinished = cached.with_suffix(".resume.pt") if use_cache else None   # resume.py: the run so far
+    try:
+        stats = lift.absorb(model, tok, doc, qa, data_cfg=data_cfg, adapter_cfg=adapter_cfg, train_cfg=train_cfg,
+                            init=init, progress=progress, anchors=anchors, on_step=on_step, distilled=distilled,
+                            resume_file=unfinished)
+    except lift.TrainingError:          # a run that diverged would diverge again from its saved state
+        if unfinished:
+            unfinished.unlink(missing_ok=True)
+        raise
     extra = {**identity, "stats": stats, "qa": qa, "doc_tokens": len(doc)}
     result = AbsorbResult(None, True, stats, qa)
-    kind = lift.attached(model)
+    kind = attached(model)
     for path in [p for p in (adapter_path, str(cached) if use_cache else None) if p]:
         try:
             kind.save(model, path, extra)
             result.path = result.path or path
         except OSError as e:        # the answer still comes; only the saving is lost
             result.note += f" (could not save {path}: {e.strerror})"
+    if unfinished and result.path:
+        unfinished.unlink(missing_ok=True)
     return result

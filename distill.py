@@ -41,10 +41,11 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from adapters import attached
 from compute import autocast
 from data import (IGNORE, DataConfig, Example, anchor_prompts, anchor_questions, end_of_turn, qa_example,
                   question_messages, sentences, truncate_middle)
-from lift import answer, attached
+from lift import answer
 from model import generate
 
 RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2"   # in the cache key

@@ -31,12 +31,13 @@ import torch
 import benchmarks as bm
 import lift
 import plots
+from adapters import adapter_config, attached
 from cache import absorb_cached, learning_settings
 from compute import resolve_dtype
 from data import DataConfig, DataError
 from gated_memory import GatedMemoryConfig
 import distill
-from lift import TrainConfig, adapter_config
+from lift import TrainConfig
 from options import UserError, add_options, from_args
 from sameness import general_ability
 
@@ -106,7 +107,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 (out / f"gate_trace_{doc['id']}.json").write_text(json.dumps(traced))
                 plots.plot_gate_trace(traced, out / f"gate_trace_{doc['id']}.png")
             # How well the model knows the document's text before and after LIFT (mean window loss).
-            with lift.attached(model).disabled(model):
+            with attached(model).disabled(model):
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",

@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,24 +26,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gated_memory
-import lora
-from checkpoint import AdapterFileError, read_adapter_file
+import resume
+from adapters import attach_fresh, attached, load_adapter_file
 from compute import autocast, bucketed, compiled_blocks
 from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
 from model import generate
 from options import UserError, option
-
-# The two adapters LIFT can train, with one interface (attach, remove, disabled, adapters, save,
-# restore): the paper's Gated Memory and the LoRA baseline of its ablation.
-ADAPTERS = {"gated_memory": gated_memory, "lora": lora}
-CONFIGS = {gated_memory.GatedMemoryConfig: gated_memory, lora.LoRAConfig: lora}
-
-
-def adapter_config(name: str, lora_rank: int = 16, gm=None, lora_targets: str = "all"):
-    """An adapter's settings by name (Gated Memory: the GatedMemoryConfig `gm` or the defaults);
-    LoRA with alpha = 2·rank, as in every run reported here."""
-    return ((gm or gated_memory.GatedMemoryConfig()) if name == "gated_memory"
-            else lora.LoRAConfig(lora_rank, 2.0 * lora_rank, lora_targets))
 
 
 class TrainingError(UserError):
@@ -157,13 +146,15 @@ def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the AdamW loop
 def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: bool = True,
-                  anchors: list[Example] = (), on_step: Optional[Callable[[int], None]] = None) -> dict:
+                  anchors: list[Example] = (), on_step: Optional[Callable[[int], None]] = None,
+                  resume_file: Optional[Path] = None) -> dict:
     """Train the model's trainable tensors (the adapter) on plan = [epoch][example]. Returns stats.
     `batch` examples go through the model together; one optimizer step covers `accumulate`
     batches. A step's loss is the mean over all its labelled tokens, so each example weighs by
     its share of them, as in the released code (Hugging Face Trainer). With cfg.anchor > 0 each
     batch (or every cfg.anchor_every-th, weighted that many times) is followed by one of `anchors`
-    (in turn) and cfg.anchor · KL(base ‖ adapted) on it.
+    (in turn) and cfg.anchor · KL(base ‖ adapted) on it. resume_file: the run's state is saved
+    there after every epoch, and a run saved there before goes on from its last epoch (resume.py).
     on_step(n) is called after the n-th optimizer step (diagnostics, e.g. gates.GateTrace)."""
     device = model.tok_embeddings.weight.device
     torch.manual_seed(cfg.seed)
@@ -172,11 +163,12 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                             weight_decay=cfg.weight_decay)
     opt.zero_grad(set_to_none=True)                        # no gradient left over from before
     model.train()
-    tokens, steps, t0, epoch_losses, anchor_at, kl_sum = 0, 0, time.time(), [], 0, torch.zeros((), device=device)
-    seen = 0                                               # batches so far (the anchor follows every N-th)
-    bar = tqdm(total=sum(len(e) for e in plan), disable=not progress, unit="ex", dynamic_ncols=True)
+    run = resume.load(resume_file, params, opt)            # counters; a fresh Run unless resuming
+    t0, kl_sum = time.time() - run.seconds, torch.tensor(run.kl_sum, device=device)
+    bar = tqdm(total=sum(len(e) for e in plan), initial=sum(len(e) for e in plan[:run.epochs_done]),
+               disable=not progress, unit="ex", dynamic_ncols=True)
     with compiled_blocks(model, cfg.compile):             # plain eager blocks unless --compile
-        for epoch, examples in enumerate(plan):
+        for epoch, examples in list(enumerate(plan))[run.epochs_done:]:
             batches = [examples[i:i + cfg.batch] for i in range(0, len(examples), cfg.batch)]
             per_step = cfg.accumulate or len(batches)
             loss_sum, labelled_sum = torch.zeros((), device=device), 0   # the loss is read once per step
@@ -186,20 +178,20 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                 for batch in step:
                     loss, n = batch_loss(model, batch, cfg)
                     (loss / labelled).backward()               # gradients add up across the step
-                    if cfg.anchor and anchors and seen % cfg.anchor_every == 0:
-                        kl = anchor_loss(model, anchors[anchor_at % len(anchors)], cfg)
+                    if cfg.anchor and anchors and run.batches % cfg.anchor_every == 0:
+                        kl = anchor_loss(model, anchors[run.anchors % len(anchors)], cfg)
                         (cfg.anchor * cfg.anchor_every * kl / len(step)).backward()
-                        anchor_at, kl_sum = anchor_at + 1, kl_sum + kl.detach()
-                    seen += 1
+                        run.anchors, kl_sum = run.anchors + 1, kl_sum + kl.detach()
+                    run.batches += 1
                     loss_sum += loss.detach()
-                    tokens += sum(len(ex.input_ids) for ex in batch)
+                    run.tokens += sum(len(ex.input_ids) for ex in batch)
                 labelled_sum += labelled
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                steps += 1
+                run.steps += 1
                 if on_step is not None:
-                    on_step(steps)
+                    on_step(run.steps)
                 mean = loss_sum.item() / labelled_sum
                 if mean != mean or mean == float("inf"):
                     raise TrainingError(f"the loss became {mean} in epoch {epoch + 1}; try a lower --lr. "
@@ -207,19 +199,20 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                 bar.set_description(f"epoch {epoch + 1}/{len(plan)}")
                 bar.set_postfix(loss=f"{mean:.3f}")
                 bar.update(sum(len(b) for b in step))
-            epoch_losses.append(loss_sum.item() / labelled_sum)
-            elapsed = time.time() - t0
+            run.epoch_losses.append(loss_sum.item() / labelled_sum)
+            run.epochs_done, run.kl_sum, run.seconds = epoch + 1, kl_sum.item(), time.time() - t0
+            resume.save(resume_file, run, params, opt)
             if progress:
-                bar.write(f"epoch {epoch + 1}/{len(plan)}  loss {epoch_losses[-1]:.4f}  "
-                          f"{tokens / elapsed:.0f} tokens/s  elapsed {elapsed:.1f}s", file=sys.stderr)
+                bar.write(f"epoch {epoch + 1}/{len(plan)}  loss {run.epoch_losses[-1]:.4f}  "
+                          f"{run.tokens / run.seconds:.0f} tokens/s  elapsed {run.seconds:.1f}s", file=sys.stderr)
     bar.close()
     model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingError("training diverged (the adapter's weights are not finite); try a lower --lr. "
                             "Nothing was saved.")
     elapsed = time.time() - t0
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "epoch_losses": epoch_losses,
-            "mean_anchor_loss": kl_sum.item() / anchor_at if anchor_at else None}
+    return {"tokens": run.tokens, "seconds": elapsed, "tokens_per_s": run.tokens / elapsed,
+            "epoch_losses": run.epoch_losses, "mean_anchor_loss": run.kl_sum / run.anchors if run.anchors else None}
 
 
 # ----------------------------------------------------------------------------- absorbing a document
@@ -238,21 +231,16 @@ def check_fits(model, tok, doc: list[int], data_cfg: DataConfig) -> None:
         raise UserError("the document has fewer than 2 tokens: there is nothing to predict")
 
 
-def attach_fresh(model, adapter_cfg, seed: int) -> None:
-    """Replace whatever adapter is attached by a fresh one of this config (either kind)."""
-    for kind in ADAPTERS.values():
-        kind.remove(model)
-    CONFIGS[type(adapter_cfg)].attach(model, adapter_cfg, seed=seed)
-
 
 def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, adapter_cfg,
            train_cfg: TrainConfig, init: Optional[str] = None, progress: bool = True,
            anchors: Optional[list[Example]] = None, on_step: Optional[Callable[[int], None]] = None,
-           distilled: list[Example] = ()) -> dict:
+           distilled: list[Example] = (), resume_file: Optional[Path] = None) -> dict:
     """LIFT on one document: build the examples (§3.1 windows, §3.2 QA pairs {"question",
     "answer"}; `distilled`: distill.py's examples), attach a fresh adapter (or the pre-LIFT SFT
     initialisation `init`, §7), train it with a fresh AdamW. Leaves the adapter attached; returns
-    the training stats. anchors: the --anchor examples (cache.anchor_set builds them)."""
+    the training stats. anchors: the --anchor examples (cache.anchor_set builds them); resume_file:
+    train_adapter's, where the run is saved after every epoch and resumed from."""
     check_fits(model, tok, doc, data_cfg)
     plan = build_epochs(doc, qa, train_cfg.epochs, data_cfg, tok, seed=train_cfg.seed, distilled=distilled)
     if train_cfg.anchor and not anchors:
@@ -260,29 +248,10 @@ def absorb(model, tok, doc: list[int], qa: list[dict], *, data_cfg: DataConfig, 
     attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
     if init is not None:
         load_adapter_file(model, init, expect=adapter_cfg)
-    stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors or [], on_step=on_step)
+    stats = train_adapter(model, plan, train_cfg, progress=progress, anchors=anchors or [], on_step=on_step,
+                          resume_file=resume_file)
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return stats
-
-
-def attached(model):
-    """The adapter module (gated_memory or lora) attached to model, or None."""
-    return next((m for m in ADAPTERS.values() if m.adapters(model)), None)
-
-
-def load_adapter_file(model, path: str, expect=None) -> dict:
-    """Attach the adapter saved at `path` (either kind: the file says which) and return what its
-    writer stored beside it. `expect`: refuse a file whose adapter config is not this one."""
-    f = read_adapter_file(model, path)
-    kind = next((m for m in ADAPTERS.values() if m.FORMAT == f.format), None)
-    if kind is None:
-        raise AdapterFileError(f"{path} is not an adapter saved by this project (format {f.format!r})")
-    if expect is not None and (CONFIGS[type(expect)] is not kind or type(expect)(**f.config) != expect):
-        raise UserError(f"{path} holds another adapter shape ({f.format} {f.config}), not {expect}")
-    for other in ADAPTERS.values():
-        other.remove(model)
-    kind.restore(model, f.config, f.tensors)
-    return f.extra
 
 
 # ----------------------------------------------------------------------------- answering (§3, inference modes)

@@ -32,6 +32,7 @@ import torch
 import benchmarks as bm
 import gated_memory
 import lift
+from adapters import attach_fresh, attached, load_adapter_file
 from checkpoint import load_model
 from compute import resolve_dtype
 from gates import mean_gates
@@ -65,7 +66,7 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
                                     "base": base, "adapted": adapted, "same": base == adapted}) + "\n")
     out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
     out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
-    if lift.attached(model) is gated_memory:
+    if attached(model) is gated_memory:
         mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()
         out.update(gate_document=mean(doc["questions"]), gate_general=mean(general))
     print(json.dumps({"doc": doc["id"], "adapter": adapter, **out}), file=sys.stderr)
@@ -152,11 +153,11 @@ def main(argv=None) -> int:
                 raise UserError(f"--versus-dtype {dtype} is the dtype already compared against")
             other, _ = load_model(args.model, dtype=getattr(torch, args.versus_dtype))
         elif args.adapter_file:
-            lift.load_adapter_file(model, args.adapter_file)
-            if lift.attached(model) is not gated_memory:
+            load_adapter_file(model, args.adapter_file)
+            if attached(model) is not gated_memory:
                 raise UserError(f"{args.adapter_file} is not a Gated Memory adapter")
         else:
-            lift.attach_fresh(model, from_args(gated_memory.GatedMemoryConfig, args), seed=args.seed)
+            attach_fresh(model, from_args(gated_memory.GatedMemoryConfig, args), seed=args.seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

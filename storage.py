@@ -34,12 +34,13 @@ import benchmarks as bm
 import gated_memory
 import lift
 import lora
+from adapters import ADAPTERS, adapter_config, attach_fresh
 from cache import anchor_set
 from checkpoint import load_model
 from compute import autocast, resolve_dtype
 from data import IGNORE, Example, qa_example, truncate_middle
 from distill import QUESTION, REPLY, statements
-from lift import TrainConfig, adapter_config
+from lift import TrainConfig
 from options import UserError, add_options, from_args
 
 
@@ -84,7 +85,7 @@ def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, tr
     example, seeded order) and return the learning curve: after every epoch, the share stored and
     the gate on the answers in the trained form; every `every` epochs (and the last), in every form
     (the same questions asked without and with the document: does what is stored one way transfer?)."""
-    lift.attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
+    attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
     examples = forms[train_on]
     g = torch.Generator().manual_seed(train_cfg.seed)
     plan = [[examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
@@ -114,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", nargs="+", metavar="JSON", help="instead of training: draw the curves of these "
                                                               "records into --out (a .png)")
     p.add_argument("--facts", type=int, default=32, help="how many names of the document to ask about")
-    p.add_argument("--adapter", choices=sorted(lift.ADAPTERS), default="gated_memory")
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), default="gated_memory")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA's rank (alpha 2·rank)")
     p.add_argument("--lora-targets", choices=tuple(lora.TARGETS), default="all",
                    help="the projections LoRA updates (all; attention: wq wk wv wo; feed_forward: w1 w2 w3)")

@@ -19,11 +19,12 @@ import time
 
 import torch
 
+from adapters import adapter_config
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
 from gated_memory import GatedMemoryConfig
-from lift import TrainConfig, adapter_config, answer, checked_prompt
+from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args
 
 
@@ -147,7 +148,7 @@ def cli(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         where = (f"the adapter was saved to {state['saved']}" if state["saved"] else
-                 "nothing was saved for this run")
+                 "the same command goes on from the last finished epoch (nothing is kept with --no-cache)")
         print(f"\ninterrupted; {where}", file=sys.stderr)
         return 130
 

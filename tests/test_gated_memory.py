@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 import gated_memory as gm
-from lift import load_adapter_file
+from adapters import load_adapter_file
 from model import ConfigError
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 19, 64, 1, 300]])

@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_model
 import lora
-from lift import load_adapter_file
+from adapters import load_adapter_file
 from model import ConfigError
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])

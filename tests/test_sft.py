@@ -8,7 +8,8 @@ import sft
 from checkpoint import load_model
 from conftest import save_hf_dir, tiny_model
 from data import DataConfig
-from lift import TrainConfig, load_adapter_file
+from adapters import load_adapter_file
+from lift import TrainConfig
 from model import ConfigError
 from options import UserError
 
