@@ -59,7 +59,7 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
-LATER = {"anchor_every": 1, "study": "quote"}     # options added after adapters were cached, at their defaults
+LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0}   # options added after adapters were cached, at their defaults
 
 
 def learning_settings(cfg) -> dict:
@@ -70,11 +70,11 @@ def learning_settings(cfg) -> dict:
 
 
 def adapter_settings(cfg) -> dict:
-    """The adapter's settings as recorded in cache keys; options added later (the probes'
-    memory_reads and targets, head_lora) only when not at their defaults, so that adapters cached
-    before them keep their keys."""
-    later = {"memory_reads": "head", "targets": "all", "head_lora": 0}
-    return {k: v for k, v in asdict(cfg).items() if later.get(k, object()) != v}
+    """The adapter's settings as recorded in cache keys: learning_settings, and the probes' options
+    (memory_reads, targets) too only when not at their defaults, so that adapters cached before
+    them keep their keys."""
+    probes = {"memory_reads": "head", "targets": "all"}
+    return {k: v for k, v in learning_settings(cfg).items() if probes.get(k, object()) != v}
 
 
 def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], synth: int,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,7 +63,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     settings = {"data": learning_settings(data_cfg), "train": learning_settings(train_cfg), "model": model_name,
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
     if gm_cfg != GatedMemoryConfig():   # only when set, so that folders of earlier runs keep their key
-        settings["gated_memory"] = {k: v for k, v in asdict(gm_cfg).items() if k != "head_lora" or v}  # (added later)
+        settings["gated_memory"] = learning_settings(gm_cfg)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"

@@ -83,6 +83,8 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
         raise UserError("--init starts a Gated Memory (made by `train.py sft`); it cannot start a LoRA adapter")
     if head_lora < 0 or (head_lora and lora_rank):
         raise UserError(f"--head-lora {head_lora}: a non-negative rank, and part of Gated Memory (not with --lora-rank)")
+    if head_lora and init:
+        raise UserError("--head-lora: `train.py sft` makes a Gated Memory without the head LoRA; --init cannot start one")
     if any(not q.strip() for q in ask):
         raise UserError("empty question")
     if threads:

@@ -135,6 +135,7 @@ def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, ada
     ("ok", ["--init", "no-such-init.safetensors"], "no such file"),
     ("ok", ["--lora-rank", "-1"], "cannot be negative"),
     ("ok", ["--lora-rank", "2", "--head-lora", "2"], "part of gated memory"),
+    ("ok", ["--init", "x.safetensors", "--head-lora", "2"], "--init cannot start one"),
 ])
 def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
     doc = tmp_path / "d.txt"
