@@ -20,7 +20,6 @@ def adapter_config(name: str, lora_rank: int = 16, gm=None, lora_targets: str = 
             else lora.LoRAConfig(lora_rank, 2.0 * lora_rank, lora_targets))
 
 
-
 def attach_fresh(model, adapter_cfg, seed: int) -> None:
     """Replace whatever adapter is attached by a fresh one of this config (either kind)."""
     for kind in ADAPTERS.values():
