@@ -91,7 +91,7 @@ def statements(text: str, limit: int, numbers: bool = False) -> list[tuple[str, 
         found = sorted(first, key=first.get)
     if len(found) > limit:                                   # keep names from the whole document
         found = [found[round(i * (len(found) - 1) / max(1, limit - 1))] for i in range(limit)]
-    told = sentences(text)
+    told = [s for s in sentences(text) if len(s.split()) > 3]   # a heading ("Chapter 10.") states nothing
     return [(name, next(s for s in told if mention(name, s))) for name in found if any(mention(name, s) for s in told)]
 
 

@@ -131,6 +131,17 @@ def test_cloze_blanks_each_name_and_whole_number_in_its_first_sentence():
                        "In 1724 the mill was built by Edric Hallowmere")]
 
 
+def test_a_heading_is_no_statement_to_study():
+    from distill import study_pairs
+    text = ("Chapter 10. The Railway\n\nIn 1862 the Railway reached Vellmora. "
+            "Chapter 11. Definitions.\n\nThe Definitions of the guild filled 40 pages.")
+    blanked = [q for q, _, _ in study_pairs(text, DataConfig(distill=10, study="cloze"))]
+    assert blanked and not any("Chapter" in q for q in blanked)               # not "Chapter ___."
+    quoted = study_pairs(text, DataConfig(distill=10))
+    assert (QUESTION.format("Definitions"), REPLY.format("The Definitions of the guild filled 40 pages."),
+            "The Definitions of the guild filled 40 pages") in quoted            # its sentence, not the heading
+
+
 def test_the_study_direction_is_in_the_cache_key_only_when_it_is_not_the_default():
     from cache import learning_settings
     assert "study" not in learning_settings(DataConfig())                       # older adapters keep their keys
