@@ -118,7 +118,7 @@ def run_sft(model, tok, out: Path, sft_cfg: SFTConfig, data_cfg: DataConfig, tra
         steps += [(epoch, order[i:i + sft_cfg.docs_per_step]) for i in range(0, len(order), sft_cfg.docs_per_step)]
     ckpt, start = out / "checkpoint.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)      # tensors, numbers, strings: no code runs
         if state["config"] != settings:
             raise DataError(f"{ckpt} was made with other settings; use another --out or delete it")
         with torch.no_grad():
