@@ -2,6 +2,7 @@
 a question about the document and of an unrelated question (arXiv 2502.14644 §3.3).
 
     python eval.py gates --doc D --question Q --out runs/g     heatmaps and gates.json
+    ... --questions Q.jsonl --general G.jsonl                   and each set's mean gate
 
 The paper reads g as the share of attention a query would put on the absorbed document: high for
 queries the document answers, low elsewhere. This measures whether a trained adapter behaves so.
@@ -43,6 +44,14 @@ def question_span(tok, question: str) -> tuple[list[int], int, int]:
     return ids, at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
 
 
+def probe_means(model, inputs: list[tuple[list[int], int, int]], dtype: str) -> tuple[list[float], list[float]]:
+    """Per layer: the mean gate and the memory's share of the output over tokens a..b of each input
+    (ids, a, b), averaged over the inputs."""
+    g, m = zip(*[(g[:, a:b].mean((1, 2)), m[:, a:b].mean((1, 2)))
+                 for ids, a, b in inputs for g, m in [recorded(model, ids, dtype)]])
+    return torch.stack(g).mean(0).tolist(), torch.stack(m).mean(0).tolist()
+
+
 class GateTrace:
     """Called after every optimizer step (lift.train_adapter's on_step): every `every` steps it
     records the mean gate and the memory's share of the output, per layer, on three probes that
@@ -66,10 +75,9 @@ class GateTrace:
             return
         self.steps.append(step)
         for name, inputs in self.probes.items():
-            g, m = zip(*[(g[:, a:b].mean((1, 2)), m[:, a:b].mean((1, 2)))
-                         for ids, a, b in inputs for g, m in [recorded(self.model, ids, self.dtype)]])
-            self.gate[name].append(torch.stack(g).mean(0).tolist())
-            self.share[name].append(torch.stack(m).mean(0).tolist())
+            gate, share = probe_means(self.model, inputs, self.dtype)
+            self.gate[name].append(gate)
+            self.share[name].append(share)
 
     def result(self) -> dict:
         return {"steps": self.steps, "gate_per_layer": self.gate, "memory_share_per_layer": self.share}
@@ -83,17 +91,29 @@ def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
     return recorded(model, ids, dtype)[0][:, first:last].mean(1)
 
 
-def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg) -> dict:
-    """Absorb the document (or load it from the cache), then map the gates for both questions."""
+def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg,
+          groups: dict[str, list[str]] | None = None) -> dict:
+    """Absorb the document (or load it from the cache), then map the gates for both questions.
+    `groups` (name -> questions) adds each group's mean gate and memory share; with --distill the
+    adapter's own self-study questions are one more group: does the gate open for the questions
+    it was trained on, for the user's questions about the same facts, or for neither?"""
     from checkpoint import load_model
+    from distill import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
-    absorb_cached(model, tok, read_document(doc_path), data_cfg=data_cfg,
-                  adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)
+    text = read_document(doc_path)
+    absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)
     maps = {name: mean_gates(model, tok, q, train_cfg.dtype)
             for name, q in (("about the document", question), ("unrelated", unrelated))}
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_gates(maps, out)
     summary = {k: round(v.mean().item(), 4) for k, v in maps.items()}
+    groups = dict(groups or {})
+    if groups and data_cfg.distill:
+        groups["self-study questions"] = [q for q, _, _ in study_pairs(text, data_cfg)]
+    for name, qs in ((n, qs) for n, qs in groups.items() if qs):
+        gate, share = probe_means(model, [question_span(tok, q) for q in qs], train_cfg.dtype)
+        summary[f"{name} ({len(qs)})"] = {"gate": round(sum(gate) / len(gate), 4),
+                                          "memory share": round(sum(share) / len(share), 4)}
     result = {"question": question, "unrelated": unrelated, "mean_gate": summary,
               "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}
     (out / "gates.json").write_text(json.dumps(result))

@@ -133,6 +133,21 @@ def test_gate_heatmap_for_two_questions(tiny_dir, tmp_path):
     assert (tmp_path / "g" / "gates.png").stat().st_size > 1000
 
 
+def test_gates_of_question_sets_and_of_the_self_study_questions(tiny_dir, tmp_path):
+    import eval as ev
+    doc, questions, general = tmp_path / "d.txt", tmp_path / "q.jsonl", tmp_path / "g.jsonl"
+    doc.write_text("In 1724 Edric Hallowmere built a mill on the Brisk. " * 10)
+    questions.write_text(json.dumps({"question": "Who built the mill?", "answer": "Edric Hallowmere"}) + "\n")
+    general.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
+    ev.main(["gates", "--doc", str(doc), "--question", "Who built the mill?", "--questions", str(questions),
+             "--general", str(general), "--distill", "2", "--qa-start-epoch", "0", "--model", str(tiny_dir),
+             "--window", "32", "--context", "32", "--epochs", "1", "--dtype", "float32", "--out", str(tmp_path / "g")])
+    g = json.loads((tmp_path / "g" / "gates.json").read_text())["mean_gate"]
+    study = [k for k in g if k.startswith("self-study questions")]
+    assert study == ["self-study questions (2)"] and 0 < g[study[0]]["gate"] < 1 and g[study[0]]["memory share"] > 0
+    # a set of one question is that question's own map, averaged: the two measures agree
+    assert g["questions (1)"]["gate"] == g["about the document"] and g["general (1)"]["gate"] == g["unrelated"]
+
 def test_in_budget_matches_the_head_and_tail_that_truncation_keeps(tok):
     """Evidence is inside the ICL view iff its first token is among the first context/2 or the
     last context/2 tokens that data.truncate_middle keeps."""
