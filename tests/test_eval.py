@@ -148,6 +148,7 @@ def test_gates_of_question_sets_and_of_the_self_study_questions(tiny_dir, tmp_pa
     # a set of one question is that question's own map, averaged: the two measures agree
     assert g["questions (1)"]["gate"] == g["about the document"] and g["general (1)"]["gate"] == g["unrelated"]
 
+
 def test_in_budget_matches_the_head_and_tail_that_truncation_keeps(tok):
     """Evidence is inside the ICL view iff its first token is among the first context/2 or the
     last context/2 tokens that data.truncate_middle keeps."""
