@@ -18,7 +18,7 @@ import gated_memory
 import plots
 from cache import absorb_cached
 from compute import autocast
-from data import question_messages, read_document
+from data import question_messages, read_document, truncate_middle
 
 
 @torch.no_grad()
@@ -35,9 +35,10 @@ def recorded(model, ids: list[int], dtype: str) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([a.last_gates for a in adapters]), torch.stack([a.last_share for a in adapters])
 
 
-def question_span(tok, question: str) -> tuple[list[int], int, int]:
-    """The LIFT-mode prompt of a question, and where the question's own tokens are in it."""
-    messages = question_messages(question, None)
+def question_span(tok, question: str, context: str | None = None) -> tuple[list[int], int, int]:
+    """The prompt of a question (LIFT's, or LIFT+ICL's after `context`), and where the question's
+    own tokens are in it."""
+    messages = question_messages(question, context)
     ids, content = tok.encode_chat(messages), messages[0]["content"]
     content_ids = tok.encode(content)
     at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
@@ -94,9 +95,10 @@ def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
 def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg,
           groups: dict[str, list[str]] | None = None) -> dict:
     """Absorb the document (or load it from the cache), then map the gates for both questions.
-    `groups` (name -> questions) adds each group's mean gate and memory share; with --distill the
-    adapter's own self-study questions are one more group: does the gate open for the questions
-    it was trained on, for the user's questions about the same facts, or for neither?"""
+    `groups` (name -> questions) adds each group's mean gate and memory share, on the question alone
+    (LIFT's prompt) and after the truncated document (LIFT+ICL's); with --distill the adapter's own
+    self-study questions are one more group: does the gate open for the questions it was trained
+    on, for the user's questions about the same facts, or for neither?"""
     from checkpoint import load_model
     from distill import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
@@ -110,10 +112,13 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
     groups = dict(groups or {})
     if groups and data_cfg.distill:
         groups["self-study questions"] = [q for q, _, _ in study_pairs(text, data_cfg)]
+    context = truncate_middle(tok.encode(text), data_cfg.context, tok)     # what LIFT+ICL puts before the question
     for name, qs in ((n, qs) for n, qs in groups.items() if qs):
-        gate, share = probe_means(model, [question_span(tok, q) for q in qs], train_cfg.dtype)
-        summary[f"{name} ({len(qs)})"] = {"gate": round(sum(gate) / len(gate), 4),
-                                          "memory share": round(sum(share) / len(share), 4)}
+        summary[f"{name} ({len(qs)})"] = entry = {}
+        for where, ctx in (("", None), (" after the document", context)):
+            gate, share = probe_means(model, [question_span(tok, q, ctx) for q in qs], train_cfg.dtype)
+            entry[f"gate{where}"] = round(sum(gate) / len(gate), 4)
+            entry[f"memory share{where}"] = round(sum(share) / len(share), 4)
     result = {"question": question, "unrelated": unrelated, "mean_gate": summary,
               "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}
     (out / "gates.json").write_text(json.dumps(result))

@@ -145,6 +145,7 @@ def test_gates_of_question_sets_and_of_the_self_study_questions(tiny_dir, tmp_pa
     g = json.loads((tmp_path / "g" / "gates.json").read_text())["mean_gate"]
     study = [k for k in g if k.startswith("self-study questions")]
     assert study == ["self-study questions (2)"] and 0 < g[study[0]]["gate"] < 1 and g[study[0]]["memory share"] > 0
+    assert 0 < g[study[0]]["gate after the document"] < 1 and g[study[0]]["gate after the document"] != g[study[0]]["gate"]
     # a set of one question is that question's own map, averaged: the two measures agree
     assert g["questions (1)"]["gate"] == g["about the document"] and g["general (1)"]["gate"] == g["unrelated"]
 
