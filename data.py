@@ -28,6 +28,7 @@ from typing import Optional
 from options import UserError, option
 
 IGNORE = -100
+STUDIES = ("quote", "cloze", "both")      # what --distill's self-study questions ask (distill.study_pairs)
 
 
 class DataError(UserError):
@@ -47,16 +48,16 @@ class DataConfig:
                              "document's names (as --study says), plus N/2 unrelated questions "
                              "answered as the base model does with the document in context. 0 = off")
     study: str = option("quote", "what --distill's questions ask: quote (a name → the document's sentence naming "
-                                 "it) or cloze (a sentence with a name or number blanked → that name or number)",
-                        choices=("quote", "cloze"))
+                                 "it), cloze (a sentence with a name or number blanked → that name or number) "
+                                 "or both (each fact asked both ways)", choices=STUDIES)
 
     def __post_init__(self):
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
         if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0 or self.distill < 0:
             raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
-        if self.study not in ("quote", "cloze"):
-            raise DataError(f"--study {self.study}: choose quote or cloze")
+        if self.study not in STUDIES:
+            raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
 
     @property
     def step(self) -> int:

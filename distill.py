@@ -20,6 +20,8 @@
        direction studied might matter. Measured on the demo's prose (README, "The same recipe on
        the demo's prose"), it does not help: the blanks are learnt and the user's questions still
        miss them (2 of 12 answered, against 4 with every name quoted);
+     - or both (--study both): up to N of each, every fact asked in two phrasings and both
+       directions, to test whether a fact studied more than one way reaches a third phrasing;
      - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
        greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
        answer as ICL does wherever the absorbed document does not help.
@@ -103,11 +105,11 @@ def blanked(sentence: str, name: str) -> str:
 
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(question, reply, what a correct reply contains) for each self-study question of --study."""
-    if cfg.study == "cloze":
-        return [(CLOZE.format(blanked(statement, name)), name, name)
-                for name, statement in statements(text, cfg.distill, numbers=True)]
-    return [(QUESTION.format(name), REPLY.format(statement), statement.rstrip("."))
-            for name, statement in statements(text, cfg.distill)]
+    quote = [(QUESTION.format(name), REPLY.format(statement), statement.rstrip("."))
+             for name, statement in statements(text, cfg.distill)] if cfg.study != "cloze" else []
+    cloze = [(CLOZE.format(blanked(statement, name)), name, name)
+             for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study != "quote" else []
+    return quote + cloze                                     # --study both: up to N of each
 
 
 @torch.no_grad()

@@ -121,6 +121,8 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
             entry[f"memory share{where}"] = round(sum(share) / len(share), 4)
     result = {"question": question, "unrelated": unrelated, "mean_gate": summary,
               "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}
-    (out / "gates.json").write_text(json.dumps(result))
+    tmp = out / "gates.json.tmp"                        # written whole, then renamed: never half a file
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out / "gates.json")
     print(json.dumps(summary))
     return result

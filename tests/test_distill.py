@@ -129,6 +129,7 @@ def test_cloze_blanks_each_name_and_whole_number_in_its_first_sentence():
     quoted = study_pairs(text, DataConfig(distill=10))                          # the default asks the other way
     assert quoted == [(QUESTION.format("Edric Hallowmere"), REPLY.format("In 1724 the mill was built by Edric Hallowmere."),
                        "In 1724 the mill was built by Edric Hallowmere")]
+    assert study_pairs(text, DataConfig(distill=10, study="both")) == quoted + pairs   # each fact both ways
 
 
 def test_a_heading_is_no_statement_to_study():
@@ -146,5 +147,6 @@ def test_the_study_direction_is_in_the_cache_key_only_when_it_is_not_the_default
     from cache import learning_settings
     assert "study" not in learning_settings(DataConfig())                       # older adapters keep their keys
     assert learning_settings(DataConfig(study="cloze"))["study"] == "cloze"
+    assert learning_settings(DataConfig(study="both"))["study"] == "both"
     with pytest.raises(ValueError, match="--study"):
-        DataConfig(study="both")
+        DataConfig(study="all")
