@@ -84,7 +84,8 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
-    prompts += [distill.CLOZE] if data_cfg.study != "quote" else []
+    prompts += [distill.CLOZE] if data_cfg.study in ("cloze", "both") else []
+    prompts += [distill.KEY_QUESTIONS, sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if data_cfg.study == "keys" else []
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": learning_settings(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,

@@ -28,7 +28,7 @@ from typing import Optional
 from options import UserError, option
 
 IGNORE = -100
-STUDIES = ("quote", "cloze", "both")      # what --distill's self-study questions ask (distill.study_pairs)
+STUDIES = ("quote", "cloze", "both", "keys")      # what --distill's self-study questions ask (distill.study_pairs)
 
 
 class DataError(UserError):
@@ -49,7 +49,8 @@ class DataConfig:
                              "answered as the base model does with the document in context. 0 = off")
     study: str = option("quote", "what --distill's questions ask: quote (a name → the document's sentence naming "
                                  "it), cloze (a sentence with a name or number blanked → that name or number) "
-                                 "or both (each fact asked both ways)", choices=STUDIES)
+                                 "both (each fact asked both ways) or keys (each sentence quoted under its names, "
+                                 "numbers and rare words, in several phrasings)", choices=STUDIES)
 
     def __post_init__(self):
         if self.window < 2:

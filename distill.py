@@ -22,6 +22,15 @@
        miss them (2 of 12 answered, against 4 with every name quoted);
      - or both (--study both): up to N of each, every fact asked in two phrasings and both
        directions, to test whether a fact studied more than one way reaches a third phrasing;
+     - or keys (--study keys): every sentence quoted under many keys and many phrasings. A user
+       asks a fact by the sentence's *other* words ("Who founded the town band?" for "The town
+       band was founded … by a clockmaker named Ferdinand Oakes"), and an adapter trained on one
+       question form learns that form, not the fact (README). So each distinctive word of the
+       document (a name, a number, or a word that few sentences use) becomes a key to the first
+       sentence that has it, asked in one of KEY_QUESTIONS' phrasings in turn: "What do we learn
+       about "warden" from the text?" → `The text says: "The first frost warden was …"`. This is
+       the augmentation that lets fine-tuned facts be retrieved by other questions (several
+       phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
      - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
        greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
        answer as ICL does wherever the absorbed document does not help.
@@ -56,6 +65,17 @@ QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
+# --study keys: the phrasings a key is asked in, in turn (one per key), all answered with REPLY.
+KEY_QUESTIONS = ("What does the text say about {}?", "What do we learn about {} from the text?",
+                 "Tell me what the text says about {}.", "Who or what is connected with {} in the text?",
+                 "What happened with {}, according to the text?", "Which names and numbers go with {} in the text?")
+# Words too common to point at one sentence; with "a word few sentences use" (KEY_SENTENCES).
+FUNCTION_WORDS = set("""about above after again against also among because been before being below between both
+could does doing down during each every from further have having here into itself more most much once only other
+over same should some such than that their them then there these they this those through under until upon very
+were what when where which while whom will with would your year years""".split())
+KEY_SENTENCES = 3                  # a word in more sentences than this is not a key to any of them
+KEYS_PER_SENTENCE = 4              # the most keys one sentence is asked by
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
 # A number of two digits or more, with thousands commas ("1,240", "1743"; "Chapter 1" is no fact).
@@ -103,8 +123,40 @@ def blanked(sentence: str, name: str) -> str:
     return sentence[:m.start()] + BLANK + sentence[m.end():]
 
 
+def keys(text: str) -> list[tuple[str, str]]:
+    """(key, its sentence) for --study keys, KEYS_PER_SENTENCE per sentence at most, in the text's
+    order. A sentence's keys: the names and numbers it is the first to mention, then the words it
+    is the first to use (four letters or more, no function word) that the fewest of the text's
+    sentences use, longest first, if at most KEY_SENTENCES do. A word is quoted in the question
+    ("warden" → `about "warden"`), a name or number is not."""
+    told = [s for s in sentences(text) if len(s.split()) > 3]   # a heading states nothing
+    words = [set(re.findall(r"\b[a-z]+\b", s)) for s in told]
+    used = {w: sum(w in ws for ws in words) for ws in words for w in ws}
+    known = names(text)
+    seen, out = set(), []
+    for s, ws in zip(told, words):
+        named = [n for n in known if n not in seen and mention(n, s)] + \
+                [n for n in NUMBER.findall(s) if n not in seen]
+        rare = sorted((w for w in ws if w not in seen and len(w) >= 4 and w not in FUNCTION_WORDS
+                       and used[w] <= KEY_SENTENCES), key=lambda w: (used[w], -len(w)))
+        for k in (named + rare)[:KEYS_PER_SENTENCE]:
+            out.append((f'"{k}"' if k[0].islower() else k, s))
+        seen.update(named + rare)                               # a key points at its first sentence only
+    return out
+
+
+def spread(items: list, limit: int) -> list:
+    """At most `limit` of `items`, evenly spread over the list (so over the whole document)."""
+    if len(items) <= limit:
+        return items
+    return [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
+
+
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(question, reply, what a correct reply contains) for each self-study question of --study."""
+    if cfg.study == "keys":                                  # up to N keys, the phrasings in turn
+        return [(KEY_QUESTIONS[i % len(KEY_QUESTIONS)].format(key), REPLY.format(statement), statement.rstrip("."))
+                for i, (key, statement) in enumerate(spread(keys(text), cfg.distill))]
     quote = [(QUESTION.format(name), REPLY.format(statement), statement.rstrip("."))
              for name, statement in statements(text, cfg.distill)] if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)

@@ -119,14 +119,17 @@ def plot_gate_trace(trace: dict, path: Path) -> None:
 
 def plot_storage(records: dict[str, dict], path: Path) -> None:
     """storage.py's learning curves: the share of facts stored against epochs, per run, solid
-    where asked as trained and dashed in the other form (with or without the document)."""
+    where asked as trained, dashed in the other form (with or without the document), dotted in
+    the held-out phrasing (storage.REWORDED), where the record has it."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (name, rec) in enumerate(records.items()):
         color = f"C{i}"
-        for form, style in (("alone", "-"), ("in_context", "--")):
+        for form, style, said in (("alone", "-", "without the document"), ("in_context", "--", "with the document"),
+                                  ("reworded", ":", "in a new phrasing")):
             pts = [(p["epoch"], p[form]) for p in rec["curve"] if form in p]
-            ax.plot(*zip(*pts), style, color=color, marker="." if style == "-" else "x",
-                    label=f"{name}: asked {'without' if form == 'alone' else 'with'} the document")
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, marker={"-": ".", "--": "x", ":": "^"}[style],
+                        label=f"{name}: asked {said}")
     ax.set_xlabel("epochs (one step per question)")
     ax.set_ylabel("facts stored (greedy, word for word)")
     ax.set_ylim(-0.02, 1.02)

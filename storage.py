@@ -16,6 +16,11 @@ has *stored*: every token of the answer is the model's most likely next token, s
 writes the sentence exactly. Teacher-forced, one forward pass per question: cheap enough to follow
 the whole learning curve. Each question is asked in two forms, without the document (LIFT) and
 after its truncated copy (LIFT+ICL); one is trained, both are measured.
+With --phrasings K each fact is trained under K phrasings of the question (distill.KEY_QUESTIONS,
+the first being the usual one), and a third form is measured: the same facts asked in a phrasing
+never trained (REWORDED), without the document. Stored in the trained phrasings but not reached
+in the new one is what README "keyed on the form of the prompt" describes; the probe measures
+whether more phrasings close that gap, for either adapter.
 No windows and, by default, no anchor: storage alone. Gated Memory's own settings (--gate-shift,
 --memory-mult, ...) are flags too, so that the gate's part in it can be measured.
 """
@@ -39,9 +44,13 @@ from cache import anchor_set
 from checkpoint import load_model
 from compute import autocast, resolve_dtype
 from data import IGNORE, Example, qa_example, truncate_middle
-from distill import QUESTION, REPLY, statements
+from distill import KEY_QUESTIONS, QUESTION, REPLY, statements
 from lift import TrainConfig
 from options import UserError, add_options, from_args
+
+
+REWORDED = "What do you know about {}?"      # a phrasing no study question uses: the held-out form
+assert REWORDED not in KEY_QUESTIONS + (QUESTION,)
 
 
 def facts_outside(text: str, n: int, context: str) -> list[tuple[str, str]]:
@@ -50,10 +59,11 @@ def facts_outside(text: str, n: int, context: str) -> list[tuple[str, str]]:
     return [(name, s) for name, s in statements(text, n) if s not in context]
 
 
-def fact_examples(tok, facts: list[tuple[str, str]], context: str | None = None) -> list[Example]:
+def fact_examples(tok, facts: list[tuple[str, str]], context: str | None = None,
+                  phrasing: str = QUESTION) -> list[Example]:
     """A self-study question per fact, answered by quoting its sentence; asked with `context` in
-    the prompt (None: no document, LIFT alone)."""
-    return [qa_example(tok, QUESTION.format(name), REPLY.format(s), context) for name, s in facts]
+    the prompt (None: no document, LIFT alone), in `phrasing`."""
+    return [qa_example(tok, phrasing.format(name), REPLY.format(s), context) for name, s in facts]
 
 
 @torch.no_grad()
@@ -80,13 +90,14 @@ def stored(model, examples: list[Example], dtype: str) -> tuple[float, float]:
 
 
 def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, train_cfg: TrainConfig,
-          anchors=(), every: int = 5) -> list[dict]:
+          anchors=(), every: int = 5, extra: list[Example] = ()) -> list[dict]:
     """Attach a fresh adapter, train it on forms[train_on] for train_cfg.epochs epochs (one step per
     example, seeded order) and return the learning curve: after every epoch, the share stored and
     the gate on the answers in the trained form; every `every` epochs (and the last), in every form
-    (the same questions asked without and with the document: does what is stored one way transfer?)."""
+    (the same questions asked without and with the document, or reworded: does what is stored one
+    way transfer?). `extra`: more training examples beside forms[train_on] (other phrasings)."""
     attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
-    examples = forms[train_on]
+    examples = forms[train_on] + list(extra)
     g = torch.Generator().manual_seed(train_cfg.seed)
     plan = [[examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
             for _ in range(train_cfg.epochs)]
@@ -123,7 +134,11 @@ def parser() -> argparse.ArgumentParser:
                    help="ask the training questions without the document (LIFT) or after its truncated copy "
                         "(LIFT+ICL); both forms are measured")
     p.add_argument("--context", type=int, default=512, help="the truncated document's length (in_context form)")
-    p.add_argument("--every", type=int, default=5, help="measure the form not trained on every N epochs")
+    p.add_argument("--every", type=int, default=5, help="measure the forms not trained on every N epochs")
+    p.add_argument("--phrasings", type=int, default=1, choices=range(1, len(KEY_QUESTIONS) + 1), metavar="K",
+                   help=f"train each fact under K phrasings of the question (1-{len(KEY_QUESTIONS)}, "
+                        f"distill.KEY_QUESTIONS), in the --train-on form; the held-out phrasing "
+                        f"{REWORDED!r} is measured too")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="write the curve here (JSON), or the figure with --plot")
     add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "dtype", "seed"))
@@ -152,17 +167,21 @@ def main(argv=None) -> int:
         facts = facts_outside(doc["document"], args.facts, context)
         if not facts:
             raise UserError(f"{args.doc}: no name's sentence lies outside the {args.context}-token context")
-        forms = {"alone": fact_examples(tok, facts), "in_context": fact_examples(tok, facts, context)}
+        forms = {"alone": fact_examples(tok, facts), "in_context": fact_examples(tok, facts, context),
+                 "reworded": fact_examples(tok, facts, phrasing=REWORDED)}
+        where = None if args.train_on == "alone" else context
+        extra = [ex for q in KEY_QUESTIONS[1:args.phrasings] for ex in fact_examples(tok, facts, where, phrasing=q)]
         adapter_cfg = (from_args(gated_memory.GatedMemoryConfig, args) if args.adapter == "gated_memory"
                        else adapter_config("lora", args.lora_rank, lora_targets=args.lora_targets))
         anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor else ()
-        points = curve(model, forms, args.train_on, adapter_cfg, train_cfg, anchors, args.every)
+        points = curve(model, forms, args.train_on, adapter_cfg, train_cfg, anchors, args.every, extra)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"doc": args.doc, "facts": len(forms["alone"]), "adapter": args.adapter, "train_on": args.train_on,
+              "phrasings": args.phrasings,
               "train": asdict(train_cfg), "adapter_config": asdict(adapter_cfg),
               "curve": points}
     tmp = out.with_suffix(".tmp")
@@ -170,7 +189,7 @@ def main(argv=None) -> int:
     tmp.replace(out)
     last = points[-1]
     print(f"{record['facts']} facts; stored after {last['epoch']} epochs: alone {last['alone']:.2f}, "
-          f"in context {last['in_context']:.2f}; wrote {out}")
+          f"in context {last['in_context']:.2f}, reworded {last['reworded']:.2f}; wrote {out}")
     return 0
 
 

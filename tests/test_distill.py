@@ -150,3 +150,33 @@ def test_the_study_direction_is_in_the_cache_key_only_when_it_is_not_the_default
     assert learning_settings(DataConfig(study="both"))["study"] == "both"
     with pytest.raises(ValueError, match="--study"):
         DataConfig(study="all")
+
+
+def test_keys_point_each_names_number_and_rare_word_at_its_first_sentence_in_turning_phrasings():
+    import distill
+    from distill import KEY_QUESTIONS, keys, study_pairs
+    text = ("The first frost warden of the town was a soldier named Ilan Brask in 1744. "
+            "The warden kept a thermometer on the roof of the town hall. "
+            "The town band of the town was founded by Ferdinand Oakes. "
+            "The town held a feast every year.")
+    found = dict(keys(text))
+    first, second, third = distill.sentences(text)[:3]
+    assert found["Ilan Brask"] == found["1744"] == found['"soldier"'] == first     # its first sentence only
+    assert found['"thermometer"'] == second and found["Ferdinand Oakes"] == third
+    assert '"town"' not in found and '"warden"' not in found   # in all four sentences; past the first four keys
+    per_sentence = [sum(s == t for s in found.values()) for t in distill.sentences(text)]
+    assert max(per_sentence) <= distill.KEYS_PER_SENTENCE and all(per_sentence[:3])
+    pairs = study_pairs(text, DataConfig(distill=100, study="keys"))
+    assert len(pairs) == len(found)
+    assert [q for q, _, _ in pairs[:2]] == [KEY_QUESTIONS[0].format(keys(text)[0][0]),
+                                            KEY_QUESTIONS[1].format(keys(text)[1][0])]    # the phrasings in turn
+    assert all(reply == REPLY.format(s) and s.startswith(expected) for (_, reply, expected), (_, s) in zip(pairs, keys(text)))
+    assert len(study_pairs(text, DataConfig(distill=3, study="keys"))) == 3            # --distill N caps them
+
+
+def test_the_key_study_changes_the_cache_key(tiny_dir):
+    from cache import settings_key
+    from lift import TrainConfig as T
+    model, tok = load_model(str(tiny_dir))
+    key = lambda study: settings_key(model, tok, DataConfig(distill=8, study=study), gm.GatedMemoryConfig(), T(), [], 0, None)
+    assert len({key("quote"), key("cloze"), key("keys")}) == 3

@@ -56,3 +56,20 @@ def test_help_prints_and_plot_draws_curves(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert storage.main(["--out", str(tmp_path / "x.json")]) == 2          # no --bench/--doc: a one-line error
     assert "error:" in capsys.readouterr().err
+
+
+def test_more_phrasings_train_more_examples_and_the_held_out_phrasing_is_measured(tiny_dir, monkeypatch):
+    import storage
+    from distill import KEY_QUESTIONS
+    model, tok = load_model(str(tiny_dir))
+    facts = [("Edric Hallowmere", "Edric Hallowmere founded the mill in 1743.")]
+    forms = {"alone": fact_examples(tok, facts), "reworded": fact_examples(tok, facts, phrasing=storage.REWORDED)}
+    assert "What do you know about Edric Hallowmere?" in tok.decode(forms["reworded"][0].input_ids)
+    epochs, train = [], storage.lift.train_adapter
+    monkeypatch.setattr(storage.lift, "train_adapter", lambda m, plan, *a, **k: (epochs.extend(map(len, plan)),
+                                                                                train(m, plan, *a, **k))[1])
+    points = curve(model, forms, "alone", lora.LoRAConfig(8, 16.0), TrainConfig(epochs=4, lr=1e-2, anchor=0.0,
+                   dtype="float32"), every=2, extra=fact_examples(tok, facts, phrasing=KEY_QUESTIONS[1]))
+    assert epochs == [2, 2, 2, 2]                                        # every epoch: the fact in both phrasings
+    assert [p["epoch"] for p in points] == [0, 1, 2, 3, 4]
+    assert [p["epoch"] for p in points if "reworded" in p] == [0, 2, 4]  # the held-out phrasing, every 2 epochs
