@@ -59,7 +59,7 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
-LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0}   # options added after adapters were cached, at their defaults
+LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0, "phrasings": 1}   # options added after adapters were cached, at their defaults
 
 
 def learning_settings(cfg) -> dict:
@@ -85,7 +85,8 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
     prompts += [distill.CLOZE] if data_cfg.study in ("cloze", "both") else []
-    prompts += [distill.KEY_QUESTIONS, sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if data_cfg.study == "keys" else []
+    prompts += [distill.KEY_QUESTIONS] if data_cfg.study == "keys" or data_cfg.phrasings > 1 else []
+    prompts += [sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if data_cfg.study == "keys" else []
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": learning_settings(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,

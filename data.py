@@ -52,7 +52,12 @@ class DataConfig:
                                  "both (each fact asked both ways) or keys (each sentence quoted under its names, "
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
 
+    phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
+                               "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
+
     def __post_init__(self):
+        if not 1 <= self.phrasings <= 6:
+            raise DataError(f"--phrasings {self.phrasings}: from 1 to 6 (the phrasings distill.KEY_QUESTIONS has)")
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
         if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0 or self.distill < 0:

@@ -66,7 +66,7 @@ REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own s
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
 # --study keys: the phrasings a key is asked in, in turn (one per key), all answered with REPLY.
-KEY_QUESTIONS = ("What does the text say about {}?", "What do we learn about {} from the text?",
+KEY_QUESTIONS = (QUESTION, "What do we learn about {} from the text?",
                  "Tell me what the text says about {}.", "Who or what is connected with {} in the text?",
                  "What happened with {}, according to the text?", "Which names and numbers go with {} in the text?")
 # Words too common to point at one sentence; with "a word few sentences use" (KEY_SENTENCES).
@@ -153,12 +153,14 @@ def spread(items: list, limit: int) -> list:
 
 
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
-    """(question, reply, what a correct reply contains) for each self-study question of --study."""
+    """(question, reply, what a correct reply contains) for each self-study question of --study;
+    a quoting question in cfg.phrasings phrasings (the first: QUESTION, or for keys the next in turn)."""
+    def quoted(pairs: list[tuple[str, str]], turn: int) -> list[tuple[str, str, str]]:
+        return [(KEY_QUESTIONS[(i * turn + j) % len(KEY_QUESTIONS)].format(key), REPLY.format(statement),
+                 statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
     if cfg.study == "keys":                                  # up to N keys, the phrasings in turn
-        return [(KEY_QUESTIONS[i % len(KEY_QUESTIONS)].format(key), REPLY.format(statement), statement.rstrip("."))
-                for i, (key, statement) in enumerate(spread(keys(text), cfg.distill))]
-    quote = [(QUESTION.format(name), REPLY.format(statement), statement.rstrip("."))
-             for name, statement in statements(text, cfg.distill)] if cfg.study != "cloze" else []
+        return quoted(spread(keys(text), cfg.distill), turn=1)
+    quote = quoted(statements(text, cfg.distill), turn=0) if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)
              for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study != "quote" else []
     return quote + cloze                                     # --study both: up to N of each

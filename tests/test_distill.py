@@ -180,3 +180,21 @@ def test_the_key_study_changes_the_cache_key(tiny_dir):
     model, tok = load_model(str(tiny_dir))
     key = lambda study: settings_key(model, tok, DataConfig(distill=8, study=study), gm.GatedMemoryConfig(), T(), [], 0, None)
     assert len({key("quote"), key("cloze"), key("keys")}) == 3
+
+
+def test_phrasings_ask_each_quoted_fact_in_that_many_wordings_and_leave_cloze_alone():
+    from distill import CLOZE, KEY_QUESTIONS, keys, study_pairs
+    text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."
+    one, three = (study_pairs(text, DataConfig(distill=10, phrasings=k)) for k in (1, 3))
+    assert [q for q, _, _ in three[:3]] == [p.format("Edric Hallowmere") for p in KEY_QUESTIONS[:3]]
+    assert len(three) == 3 * len(one) and {r for _, r, _ in three} == {r for _, r, _ in one}
+    both = study_pairs(text, DataConfig(distill=10, study="both", phrasings=2))
+    assert sum(q.startswith(CLOZE[:10]) for q, _, _ in both) == len(study_pairs(text, DataConfig(distill=10, study="cloze")))
+    (k0, _), (k1, _) = keys(text)[:2]
+    keyed = [q for q, _, _ in study_pairs(text, DataConfig(distill=100, study="keys", phrasings=2))]
+    assert keyed[:4] == [KEY_QUESTIONS[0].format(k0), KEY_QUESTIONS[1].format(k0),    # each key: the next phrasings
+                         KEY_QUESTIONS[1].format(k1), KEY_QUESTIONS[2].format(k1)]
+    with pytest.raises(ValueError, match="--phrasings"):
+        DataConfig(phrasings=7)
+    from cache import learning_settings
+    assert "phrasings" not in learning_settings(DataConfig()) and learning_settings(DataConfig(phrasings=2))["phrasings"] == 2
