@@ -121,7 +121,7 @@ def plot_storage(records: dict[str, dict], path: Path) -> None:
     """storage.py's learning curves: the share of facts stored against epochs, per run, solid
     where asked as trained, dashed in the other form (with or without the document), dotted in
     the held-out phrasing (storage.REWORDED), where the record has it."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     for i, (name, rec) in enumerate(records.items()):
         color = f"C{i}"
         for form, style, said in (("alone", "-", "without the document"), ("in_context", "--", "with the document"),
@@ -133,7 +133,7 @@ def plot_storage(records: dict[str, dict], path: Path) -> None:
     ax.set_xlabel("epochs (one step per question)")
     ax.set_ylabel("facts stored (greedy, word for word)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=6.5)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))   # beside the curves, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -21,6 +21,9 @@ the first being the usual one), and a third form is measured: the same facts ask
 never trained (REWORDED), without the document. Stored in the trained phrasings but not reached
 in the new one is what README "keyed on the form of the prompt" describes; the probe measures
 whether more phrasings close that gap, for either adapter.
+`--keys` looks at why, without training: at the position where an answer starts, how alike the
+queries (the keys a Gated Memory reads) are for two facts asked in one wording, and for one fact
+asked in two wordings.
 No windows and, by default, no anchor: storage alone. Gated Memory's own settings (--gate-shift,
 --memory-mult, ...) are flags too, so that the gate's part in it can be measured.
 """
@@ -64,6 +67,50 @@ def fact_examples(tok, facts: list[tuple[str, str]], context: str | None = None,
     """A self-study question per fact, answered by quoting its sentence; asked with `context` in
     the prompt (None: no document, LIFT alone), in `phrasing`."""
     return [qa_example(tok, phrasing.format(name), REPLY.format(s), context) for name, s in facts]
+
+
+class _KeyRecorder(torch.nn.Module):
+    """A stand-in head adapter that changes nothing and keeps the queries Gated Memory would read."""
+    def forward(self, q, attn):
+        self.q = q.detach()                                  # (B, T, H, D), before rotary embedding
+        return attn
+
+
+@torch.no_grad()
+def answer_keys(model, examples: list[Example]) -> list[torch.Tensor]:
+    """Per layer, (F, H, D): each example's queries at the position that predicts its answer's first
+    token, the key a Gated Memory there would read to choose what to say. Base model only."""
+    recorders = [_KeyRecorder() for _ in model.layers]
+    for layer, r in zip(model.layers, recorders):
+        layer.attention.head_adapter = r
+    keys = [[] for _ in model.layers]
+    try:
+        for ex in examples:
+            first = next(i for i, label in enumerate(ex.labels) if label != IGNORE)   # the answer's first token
+            model(torch.tensor([ex.input_ids], device=model.tok_embeddings.weight.device))
+            for k, r in zip(keys, recorders):
+                k.append(r.q[0, first - 1].float().cpu())  # (H, D) at the position predicting it
+    finally:
+        for layer in model.layers:
+            layer.attention.head_adapter = None
+    return [torch.stack(k) for k in keys]
+
+
+def key_similarity(model, tok, facts: list[tuple[str, str]]) -> list[dict]:
+    """Per layer, mean cosines (over heads) between the keys of answer_keys: of two facts asked in
+    the same wording, of one fact asked in two wordings (QUESTION and REWORDED), and of the facts'
+    own parts of their keys (each wording's mean over facts taken away) across the two wordings.
+    The first two say whether a key tells facts apart more than it tells wordings apart."""
+    a, b = (answer_keys(model, fact_examples(tok, facts, phrasing=p)) for p in (QUESTION, REWORDED))
+    cos = torch.nn.functional.cosine_similarity
+    rows = []
+    for layer, (x, y) in enumerate(zip(a, b)):                          # (F, H, D) each
+        n = x.shape[0]
+        pairs = cos(x[:, None], x[None], dim=-1).mean(-1)                # (F, F) over heads
+        rows.append({"layer": layer, "other_fact_same_wording": ((pairs.sum() - pairs.diag().sum()) / (n * (n - 1))).item(),
+                     "same_fact_other_wording": cos(x, y, dim=-1).mean().item(),
+                     "fact_parts_across_wordings": cos(x - x.mean(0), y - y.mean(0), dim=-1).mean().item()})
+    return rows
 
 
 @torch.no_grad()
@@ -123,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
                                             "only and follow how many it can answer, epoch by epoch.")
     p.add_argument("--bench", help="a benchmark .jsonl (eval.py generate writes one)")
     p.add_argument("--doc", help="the id of one document in it")
+    p.add_argument("--keys", action="store_true", help="instead of training: how alike the base model's queries "
+                                                         "are at each answer's start, fact against wording (JSON)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="instead of training: draw the curves of these "
                                                               "records into --out (a .png)")
     p.add_argument("--facts", type=int, default=32, help="how many names of the document to ask about")
@@ -147,6 +196,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_json(out: Path, record: dict) -> None:
+    """Whole or not at all: a temporary file, then renamed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.plot:
@@ -167,6 +224,15 @@ def main(argv=None) -> int:
         facts = facts_outside(doc["document"], args.facts, context)
         if not facts:
             raise UserError(f"{args.doc}: no name's sentence lies outside the {args.context}-token context")
+        if args.keys:
+            rows = key_similarity(model, tok, facts)
+            for r in rows:
+                print(f"layer {r['layer']:2d}  other fact, same wording {r['other_fact_same_wording']:.3f}  same fact, "
+                      f"other wording {r['same_fact_other_wording']:.3f}  the facts' own parts across wordings "
+                      f"{r['fact_parts_across_wordings']:.3f}")
+            write_json(Path(args.out), {"doc": args.doc, "facts": len(facts), "wordings": [QUESTION, REWORDED],
+                                        "layers": rows})
+            return 0
         forms = {"alone": fact_examples(tok, facts), "in_context": fact_examples(tok, facts, context),
                  "reworded": fact_examples(tok, facts, phrasing=REWORDED)}
         where = None if args.train_on == "alone" else context
@@ -179,14 +245,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"doc": args.doc, "facts": len(forms["alone"]), "adapter": args.adapter, "train_on": args.train_on,
               "phrasings": args.phrasings,
               "train": asdict(train_cfg), "adapter_config": asdict(adapter_cfg),
               "curve": points}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out)
+    write_json(out, record)
     last = points[-1]
     print(f"{record['facts']} facts; stored after {last['epoch']} epochs: alone {last['alone']:.2f}, "
           f"in context {last['in_context']:.2f}, reworded {last['reworded']:.2f}; wrote {out}")

@@ -1,5 +1,6 @@
 """The storage probe (storage.py): "stored" means greedy decoding writes the answer word for word,
 and the probe's training does store what it is shown."""
+import pytest
 import torch
 
 from conftest import TEXT
@@ -73,3 +74,20 @@ def test_more_phrasings_train_more_examples_and_the_held_out_phrasing_is_measure
     assert epochs == [2, 2, 2, 2]                                        # every epoch: the fact in both phrasings
     assert [p["epoch"] for p in points] == [0, 1, 2, 3, 4]
     assert [p["epoch"] for p in points if "reworded" in p] == [0, 2, 4]  # the held-out phrasing, every 2 epochs
+
+
+def test_key_similarity_compares_facts_and_wordings_and_leaves_no_adapter(tiny_dir):
+    from storage import answer_keys, key_similarity
+    model, tok = load_model(str(tiny_dir))
+    facts = [("Edric Hallowmere", "Edric Hallowmere founded the mill in 1743."),
+             ("Ferdinand Oakes", "The banker Ferdinand Oakes lent 3,000 silver crowns.")]
+    keys = answer_keys(model, fact_examples(tok, facts))
+    assert len(keys) == model.cfg.n_layers and keys[0].shape == (2, model.cfg.n_heads, model.cfg.head_dim)
+    rows = key_similarity(model, tok, facts)
+    assert [r["layer"] for r in rows] == list(range(model.cfg.n_layers))
+    assert all(-1 <= r[k] <= 1 for r in rows for k in r if k != "layer")
+    # The first layer's query sees only its own token, the same for every question there: identical
+    # keys. Later layers mix in the question's words, so the facts' keys part.
+    assert rows[0]["other_fact_same_wording"] == pytest.approx(1, abs=1e-5)
+    assert rows[-1]["other_fact_same_wording"] < 0.9999
+    assert all(layer.attention.head_adapter is None for layer in model.layers)
