@@ -51,7 +51,6 @@ class DataConfig:
                                  "it), cloze (a sentence with a name or number blanked → that name or number) "
                                  "both (each fact asked both ways) or keys (each sentence quoted under its names, "
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
-
     phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
 

@@ -31,6 +31,9 @@
        about "warden" from the text?" → `The text says: "The first frost warden was …"`. This is
        the augmentation that lets fine-tuned facts be retrieved by other questions (several
        phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
+     - with --phrasings K, every quoting question (quote, keys, both) in K of those wordings: a
+       fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
+       (storage.py measures it);
      - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
        greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
        answer as ICL does wherever the absorbed document does not help.
@@ -65,7 +68,9 @@ QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
-# --study keys: the phrasings a key is asked in, in turn (one per key), all answered with REPLY.
+# The wordings of a quoting question, all answered with REPLY: --study keys asks each key in the
+# next one in turn, --phrasings K asks every question in K of them (README: "One wording stores a
+# prompt, several store a fact").
 KEY_QUESTIONS = (QUESTION, "What do we learn about {} from the text?",
                  "Tell me what the text says about {}.", "Who or what is connected with {} in the text?",
                  "What happened with {}, according to the text?", "Which names and numbers go with {} in the text?")
@@ -104,6 +109,13 @@ def names(text: str) -> list[str]:
     return [n for n in seen if " " in n or n not in parts]
 
 
+def spread(items: list, limit: int) -> list:
+    """At most `limit` of `items`, evenly spread over the list (so over the whole document)."""
+    if len(items) <= limit:
+        return items
+    return [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
+
+
 def statements(text: str, limit: int, numbers: bool = False) -> list[tuple[str, str]]:
     """(name, the first sentence of the text that names it) for up to `limit` names (and, with
     `numbers`, numbers, in order of first appearance), spread evenly over the text."""
@@ -111,8 +123,7 @@ def statements(text: str, limit: int, numbers: bool = False) -> list[tuple[str, 
     if numbers:                                              # each name or number at its first position
         first = {n: text.find(n) for n in found} | {m.group(0): m.start() for m in reversed(list(NUMBER.finditer(text)))}
         found = sorted(first, key=first.get)
-    if len(found) > limit:                                   # keep names from the whole document
-        found = [found[round(i * (len(found) - 1) / max(1, limit - 1))] for i in range(limit)]
+    found = spread(found, limit)                             # keep names from the whole document
     told = [s for s in sentences(text) if len(s.split()) > 3]   # a heading ("Chapter 10.") states nothing
     return [(name, next(s for s in told if mention(name, s))) for name in found if any(mention(name, s) for s in told)]
 
@@ -143,13 +154,6 @@ def keys(text: str) -> list[tuple[str, str]]:
             out.append((f'"{k}"' if k[0].islower() else k, s))
         seen.update(named + rare)                               # a key points at its first sentence only
     return out
-
-
-def spread(items: list, limit: int) -> list:
-    """At most `limit` of `items`, evenly spread over the list (so over the whole document)."""
-    if len(items) <= limit:
-        return items
-    return [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
 
 
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
