@@ -159,12 +159,14 @@ def keys(text: str) -> list[tuple[str, str]]:
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(question, reply, what a correct reply contains) for each self-study question of --study;
     a quoting question in cfg.phrasings phrasings (the first: QUESTION, or for keys the next in turn)."""
-    def quoted(pairs: list[tuple[str, str]], turn: int) -> list[tuple[str, str, str]]:
-        return [(KEY_QUESTIONS[(i * turn + j) % len(KEY_QUESTIONS)].format(key), REPLY.format(statement),
+    def quoted(pairs: list[tuple[str, str]], rotate: bool) -> list[tuple[str, str, str]]:
+        # The i-th key's wordings: KEY_QUESTIONS[0..K-1], or with rotate KEY_QUESTIONS[i..i+K-1].
+        first = lambda i: i if rotate else 0
+        return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), REPLY.format(statement),
                  statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
-    if cfg.study == "keys":                                  # up to N keys, the phrasings in turn
-        return quoted(spread(keys(text), cfg.distill), turn=1)
-    quote = quoted(statements(text, cfg.distill), turn=0) if cfg.study != "cloze" else []
+    if cfg.study == "keys":                                  # up to N keys, the wordings in turn
+        return quoted(spread(keys(text), cfg.distill), rotate=True)
+    quote = quoted(statements(text, cfg.distill), rotate=False) if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)
              for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study != "quote" else []
     return quote + cloze                                     # --study both: up to N of each

@@ -67,8 +67,11 @@ def test_more_phrasings_train_more_examples_and_the_held_out_phrasing_is_measure
     forms = {"alone": fact_examples(tok, facts), "reworded": fact_examples(tok, facts, phrasing=storage.REWORDED)}
     assert "What do you know about Edric Hallowmere?" in tok.decode(forms["reworded"][0].input_ids)
     epochs, train = [], storage.lift.train_adapter
-    monkeypatch.setattr(storage.lift, "train_adapter", lambda m, plan, *a, **k: (epochs.extend(map(len, plan)),
-                                                                                train(m, plan, *a, **k))[1])
+
+    def counting(m, plan, *a, **k):                                      # the loop, noting each epoch's size
+        epochs.extend(len(e) for e in plan)
+        return train(m, plan, *a, **k)
+    monkeypatch.setattr(storage.lift, "train_adapter", counting)
     points = curve(model, forms, "alone", lora.LoRAConfig(8, 16.0), TrainConfig(epochs=4, lr=1e-2, anchor=0.0,
                    dtype="float32"), every=2, extra=fact_examples(tok, facts, phrasing=KEY_QUESTIONS[1]))
     assert epochs == [2, 2, 2, 2]                                        # every epoch: the fact in both phrasings
