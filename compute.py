@@ -1,7 +1,8 @@
-"""How the model computes, apart from what: the dtype, autocast, and compiled blocks for training.
+"""How the model computes, apart from what: the dtype, autocast, compiled blocks for training, and
+a batch whose examples share their first tokens.
 
-Plumbing, not part of the method: lift.py's loop and every command line use these three so that
-the same code runs on a CPU and on CUDA.
+Plumbing, not part of the method: lift.py's loop and every command line use these so that the
+same code runs on a CPU and on CUDA, and so that no work is done twice.
 """
 from __future__ import annotations
 
@@ -61,3 +62,32 @@ def compiled_blocks(model, on: bool = True):
         if on:
             for layer in model.layers:
                 layer._compiled_call_impl = None     # what nn.Module.compile set: back to eager
+
+
+class SharedPrefix:
+    """Keys and values of a prefix that every example of a batch begins with, kept with their
+    autograd graph, for training. Every QA and self-study example of a LIFT+ICL run starts with the
+    same prompt, the truncated document (§3.2), and is mostly that prompt (~500 of ~560 tokens at
+    the default budget). lift.batch_loss runs the prefix once, as a batch of one that fills this
+    cache; then each example's own tokens run as a batch at positions P.., attending to the
+    prefix's keys and values through `update` (the method model.Attention calls on any cache).
+    Exact, not an approximation: a token's keys and values depend only on the tokens before it,
+    so every logit, hence every gradient, is what the examples give when run whole (the
+    prefix's gradient is the sum of what each example sends back to it; tests/test_lift.py).
+    model.KVCache writes into preallocated tensors, which is right for decoding but cannot be
+    differentiated; this one only keeps references."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v: (B, H_kv, T, D). The prefix's own pass (start 0, B = 1) is kept as it is; a later
+        pass gets the prefix in front of its own: (B, H_kv, P + T, D)."""
+        if start == 0:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        assert start == self.k[layer].shape[2], "the examples' tokens must follow the prefix directly"
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),    # (B, H_kv, P + T, D)
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))

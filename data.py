@@ -257,6 +257,44 @@ def sentences(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the mix and the schedule
+def batches(examples: list[Example], size: int, prompted: int = 1) -> list[list[Example]]:
+    """An epoch's examples (already shuffled) in forward-pass batches of `size`. With prompted > 1,
+    the examples that begin with the answer-time prompt (QA pairs, self-study questions: every
+    kind but "window") go `prompted` at a time instead, each batch placed where its first example
+    fell, so that lift.batch_loss runs their shared truncated document once per batch."""
+    if prompted == 1:
+        return [examples[i:i + size] for i in range(0, len(examples), size)]
+    out, filling = [], {}                       # filling: the open batch of windows, of prompted examples
+    for ex in examples:
+        window = ex.kind == "window"
+        if window not in filling:
+            filling[window] = []
+            out.append(filling[window])
+        filling[window].append(ex)
+        if len(filling[window]) == (size if window else prompted):
+            del filling[window]
+    return out
+
+
+SHARED_MIN = 16     # a shorter common start (the chat template's first tokens) is not worth a pass
+
+
+def shared_prompt(examples: list[Example]) -> int:
+    """How many leading tokens the batch's examples share before any of them needs a logit: the
+    truncated document in front of every QA and self-study example (0 for windows, whose every
+    position is predicted, and for a batch of one). Position t predicts token t + 1, so the
+    prefix stops before each example's first labelled token, and each keeps a token of its own."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(ex.input_ids) for ex in examples) - 1
+    for ex in examples:
+        labelled = next((i for i, l in enumerate(ex.labels) if l != IGNORE), len(ex.labels))
+        same = next((i for i, (a, b) in enumerate(zip(first, ex.input_ids)) if a != b), len(first))
+        n = min(n, labelled - 1, same)
+    return n if n >= SHARED_MIN else 0
+
+
 def build_epochs(doc: list[int], qa: list[dict], epochs: int, cfg: DataConfig, tok, seed: int,
                  distilled: list[Example] = ()) -> list[list[Example]]:
     """The released schedule: epochs on windows only, then windows + QA (if any), each epoch in a

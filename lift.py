@@ -28,8 +28,9 @@ from tqdm import tqdm
 import gated_memory
 import resume
 from adapters import attach_fresh, attached, load_adapter_file
-from compute import autocast, bucketed, compiled_blocks
-from data import IGNORE, DataConfig, Example, build_epochs, question_messages, truncate_middle, window_examples
+from compute import SharedPrefix, autocast, bucketed, compiled_blocks
+from data import (IGNORE, DataConfig, Example, batches, build_epochs, question_messages, shared_prompt, truncate_middle,
+                  window_examples)
 from model import generate
 from options import UserError, option
 
@@ -49,6 +50,9 @@ class TrainConfig:
     clip: float = 1.0                 # max global gradient norm
     batch: int = option(1, "examples per forward pass (padded to the longest); released: 1")
     accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
+    qa_batch: int = option(1, "QA and self-study examples per forward pass (and so per step with --accumulate 1): "
+                              "the truncated document they all begin with then runs once per batch, exactly; "
+                              "1 = one at a time, as released")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
     anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension; 0 = the paper's "
@@ -77,6 +81,8 @@ class TrainConfig:
                             f"(the penalty applies to the anchor's unrelated text)")
         if self.batch < 1:
             raise UserError(f"--batch {self.batch}: at least one example per batch")
+        if self.qa_batch < 1:
+            raise UserError(f"--qa-batch {self.qa_batch}: at least one example per batch")
         if self.accumulate < 0:
             raise UserError(f"--accumulate {self.accumulate}: use a positive count, or 0 for the whole epoch")
         if self.dtype not in ("auto", "bfloat16", "float32"):   # float16 would need a gradient scaler
@@ -88,15 +94,23 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     """The loss summed over the labelled positions of a batch, and how many there are: next-token
     cross-entropy, or KL(teacher ‖ model) for distill.py's examples. Examples are right-padded
     (causal attention keeps padding away from real tokens). Position t predicts token t+1, so
-    logits are computed only before a labelled token: all of a window, a QA example's answer."""
+    logits are computed only before a labelled token: all of a window, a QA example's answer.
+    A prompt every example starts with (shared_prompt) runs once, not once per example
+    (compute.SharedPrefix); eager only: a compiled block would recompile for every layer's cache."""
     device = model.tok_embeddings.weight.device
-    T = bucketed(max(len(ex.input_ids) for ex in examples), cfg.compile)     # the longest, or its bucket
-    ids = torch.tensor([ex.input_ids + [0] * (T - len(ex.input_ids)) for ex in examples], device=device)  # (B, T)
-    labels = torch.tensor([ex.labels + [IGNORE] * (T - len(ex.labels)) for ex in examples], device=device)  # (B, T)
+    P = 0 if cfg.compile else shared_prompt(examples)
+    T = bucketed(max(len(ex.input_ids) for ex in examples) - P, cfg.compile)   # the longest, or its bucket
+    ids = torch.tensor([ex.input_ids[P:] + [0] * (T + P - len(ex.input_ids)) for ex in examples], device=device)  # (B, T)
+    labels = torch.tensor([ex.labels[P:] + [IGNORE] * (T + P - len(ex.labels)) for ex in examples], device=device)  # (B, T)
     targets = labels[:, 1:]                                                  # (B, T-1)
     at = F.pad(targets != IGNORE, (0, 1))                                    # (B, T) predicting positions
+    cache = SharedPrefix() if P else None
     with autocast(device, cfg.dtype):
-        logits = model(ids, grad_checkpoint=cfg.grad_checkpoint, logits_at=at)  # (N, V), rows in (b, t) order
+        if P:                       # the shared prompt, once: fills the cache, no logits needed
+            model(torch.tensor([examples[0].input_ids[:P]], device=device), cache=cache,
+                  grad_checkpoint=cfg.grad_checkpoint, logits_at=torch.zeros(1, P, dtype=torch.bool, device=device))
+        logits = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
+                       logits_at=at)                                         # (N, V), rows in (b, t) order
     hard = targets[at[:, :-1]]                                               # (N,) next tokens
     if all(ex.teacher is None for ex in examples):       # the usual case: one fused call, fp32 softmax over V
         return F.cross_entropy(logits.float(), hard, reduction="sum"), logits.shape[0]
@@ -169,11 +183,11 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                disable=not progress, unit="ex", dynamic_ncols=True)
     with compiled_blocks(model, cfg.compile):             # plain eager blocks unless --compile
         for epoch, examples in list(enumerate(plan))[run.epochs_done:]:
-            batches = [examples[i:i + cfg.batch] for i in range(0, len(examples), cfg.batch)]
-            per_step = cfg.accumulate or len(batches)
+            groups = batches(examples, cfg.batch, cfg.qa_batch)
+            per_step = cfg.accumulate or len(groups)
             loss_sum, labelled_sum = torch.zeros((), device=device), 0   # the loss is read once per step
-            for s in range(0, len(batches), per_step):
-                step = batches[s:s + per_step]
+            for s in range(0, len(groups), per_step):
+                step = groups[s:s + per_step]
                 labelled = sum(l != IGNORE for b in step for ex in b for l in ex.labels[1:])
                 for batch in step:
                     loss, n = batch_loss(model, batch, cfg)

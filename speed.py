@@ -11,7 +11,9 @@ activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4
 attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
 FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
 The "default loop step" rows time what a LIFT run actually does per window, by part: the window,
-the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
+the anchor's KL on an unrelated example (our extension, on by default), the optimizer. The
+"self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
+--qa-batch (their shared truncated document run once per batch: compute.SharedPrefix).
 Not in the paper; it tells a reader what LIFT costs on their hardware.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import cache
 import gated_memory
 from compute import autocast, compiled_blocks
-from data import DataConfig, read_document, window_examples
+from data import DataConfig, qa_example, read_document, truncate_middle, window_examples
 from lift import TrainConfig, anchor_loss, batch_loss
 from model import generate
 
@@ -159,6 +161,40 @@ def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) 
     return rows
 
 
+def qa_batch_rates(model, tok, dtype: str, n: int = 8, steps: int = 2) -> list[str]:
+    """Forward + backward of n self-study questions about the example document, each in the
+    LIFT+ICL prompt (the truncated document first, at the default budget): one at a time, then as
+    one batch whose shared document runs once. Rows with the seconds, the example tokens per
+    second and the largest difference between the two losses (the sharing is exact)."""
+    from distill import study_pairs
+    text = read_document(str(Path(__file__).parent / "examples" / "orchard_chronicle.txt"))
+    cfg_data = DataConfig(distill=n)
+    context = truncate_middle(tok.encode(text), cfg_data.context, tok)
+    examples = [qa_example(tok, q, r, context) for q, r, _ in study_pairs(text, cfg_data)][:n]
+    tokens = sum(len(ex.input_ids) for ex in examples)
+    gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
+    cfg = TrainConfig(dtype=dtype)
+    model.train()
+    timed = []
+    for groups in ([[ex] for ex in examples], [examples]):
+        seconds = float("inf")
+        for _ in range(steps + 1):                   # the first pass warms up; then the best of `steps`
+            t, total = time.perf_counter(), 0.0
+            for g in groups:
+                loss, _ = batch_loss(model, g, cfg)
+                loss.backward()
+                total += loss.item()
+            seconds = min(seconds, time.perf_counter() - t)
+        timed.append((seconds, total))
+    model.eval()
+    gated_memory.remove(model)
+    (alone, want), (shared, got) = timed
+    what = f"{n} self-study questions in the LIFT+ICL prompt ({tokens / n:.0f} tokens each)"
+    return [f"| {what}, one at a time: {alone:.2f} s | {tokens / alone:,.0f} | | |",
+            f"| {what}, --qa-batch {n} (the document once; loss equal to {abs(got - want) / want:.0e}): "
+            f"{shared:.2f} s, {alone / shared:.1f}x | {tokens / shared:,.0f} | | |"]
+
+
 def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
     """The top operators of one training step by self CPU time, as a table (also written to out)."""
     from torch.profiler import ProfilerActivity, profile
@@ -219,6 +255,8 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
             print(f"| LIFT training step, {what} | {rate:,.0f} | "
                   f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
     for row in default_loop_parts(model, tok, dtype):   # what a LIFT run's steps cost, anchor included
+        print(row)
+    for row in qa_batch_rates(model, tok, dtype):       # QA examples, and their shared prompt
         print(row)
     with autocast(dev, dtype):
         t = time.perf_counter()

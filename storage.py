@@ -4,7 +4,7 @@
 
 LIFT asks an adapter to store a document's facts (its *bindings*: which name goes with which
 maker, year, place) and to give them back when a question asks. On generated facts Gated Memory
-answers far fewer questions than LoRA of the same size (README, "The method's quality"). Two
+answers far fewer questions than LoRA of the same size (results/NOTEBOOK.md, "The method's quality"). Two
 explanations predict different things here: either the questions never reach what the memory
 stored (then shown the questions themselves it should learn them like LoRA), or the memory
 stores bindings slowly whatever it is shown (then it lags here too).
@@ -19,7 +19,7 @@ after its truncated copy (LIFT+ICL); one is trained, both are measured.
 With --phrasings K each fact is trained under K phrasings of the question (distill.KEY_QUESTIONS,
 the first being the usual one), and a third form is measured: the same facts asked in a phrasing
 never trained (REWORDED), without the document. Stored in the trained phrasings but not reached
-in the new one is what README "keyed on the form of the prompt" describes; the probe measures
+in the new one is what the notebook's "keyed on the form of the prompt" describes; the probe measures
 whether more phrasings close that gap, for either adapter.
 `--keys` looks at why, without training: at the position where an answer starts, how alike the
 queries (the keys a Gated Memory reads) are for two facts asked in one wording, and for one fact
@@ -46,7 +46,7 @@ from adapters import ADAPTERS, adapter_config, attach_fresh
 from cache import anchor_set
 from checkpoint import load_model
 from compute import autocast, resolve_dtype
-from data import IGNORE, Example, qa_example, truncate_middle
+from data import IGNORE, Example, batches, qa_example, truncate_middle
 from distill import KEY_QUESTIONS, QUESTION, REPLY, statements
 from lift import TrainConfig
 from options import UserError, add_options, from_args
@@ -139,10 +139,11 @@ def stored(model, examples: list[Example], dtype: str) -> tuple[float, float]:
 def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, train_cfg: TrainConfig,
           anchors=(), every: int = 5, extra: list[Example] = ()) -> list[dict]:
     """Attach a fresh adapter, train it on forms[train_on] for train_cfg.epochs epochs (one step per
-    example, seeded order) and return the learning curve: after every epoch, the share stored and
-    the gate on the answers in the trained form; every `every` epochs (and the last), in every form
-    (the same questions asked without and with the document, or reworded: does what is stored one
-    way transfer?). `extra`: more training examples beside forms[train_on] (other phrasings)."""
+    example, or per --qa-batch examples; seeded order) and return the learning curve: after every
+    epoch, the share stored and the gate on the answers in the trained form; every `every` epochs
+    (and the last), in every form (the same questions asked without and with the document, or
+    reworded: does what is stored one way transfer?). `extra`: more training examples beside
+    forms[train_on] (other phrasings)."""
     attach_fresh(model, adapter_cfg, seed=train_cfg.seed)
     examples = forms[train_on] + list(extra)
     g = torch.Generator().manual_seed(train_cfg.seed)
@@ -160,8 +161,9 @@ def curve(model, forms: dict[str, list[Example]], train_on: str, adapter_cfg, tr
               file=sys.stderr)
 
     measure(0)
+    steps = len(batches(plan[0], train_cfg.batch, train_cfg.qa_batch))      # optimizer steps per epoch
     lift.train_adapter(model, plan, train_cfg, progress=False, anchors=list(anchors),
-                       on_step=lambda n: measure(n // len(examples)) if n % len(examples) == 0 else None)
+                       on_step=lambda n: measure(n // steps) if n % steps == 0 else None)
     return points
 
 
@@ -190,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{REWORDED!r} is measured too")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="write the curve here (JSON), or the figure with --plot")
-    add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "dtype", "seed"))
+    add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "dtype", "seed", "qa_batch"))
     add_options(p, gated_memory.GatedMemoryConfig)
     p.set_defaults(epochs=20, anchor=0.0)
     return p

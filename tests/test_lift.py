@@ -277,7 +277,7 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
     keys += [settings_key(model, tok, data, replace(adapter, memory_mult=1), train, [], 0, None),
              settings_key(model, tok, data, replace(adapter, memory_reads="layer"), train, [], 0, None),  # a probe, set
              settings_key(model, tok, data, replace(adapter, head_lora=2), train, [], 0, None)]
-    for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "seed"):
+    for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "qa_batch", "seed"):
         value = getattr(train, field)
         keys.append(settings_key(model, tok, data, adapter, replace(train, **{field: value * 2 + 1}), [], 0, None))
     keys += [settings_key(model, tok, data, adapter, replace(train, dtype="bfloat16"), [], 0, None),
@@ -430,3 +430,53 @@ def test_anchor_every_n_batches_runs_the_anchor_that_often_with_n_times_its_weig
     assert key(TrainConfig(anchor_every=2)) != key(TrainConfig())
     with pytest.raises(UserError):
         TrainConfig(anchor_every=0)
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_a_shared_prompt_runs_once_and_gives_the_gradients_of_the_examples_run_whole(tiny_dir, grad_checkpoint):
+    """--qa-batch: QA examples that begin with the same truncated document go through the model
+    together, the document once (compute.SharedPrefix); loss and gradients are those of the
+    examples run one by one, teacher (KL) examples included."""
+    from data import IGNORE, Example, qa_example
+    from data import shared_prompt
+    from lift import batch_loss
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    with torch.no_grad():                                   # a memory that does something
+        for p in gm.trainable_parameters(model).values():
+            p.normal_(std=0.3)
+    context = TEXT[:150]
+    batch = [qa_example(tok, "What came?", "The frost.", context), qa_example(tok, "How much?", "3,000 crowns", context)]
+    distilled = qa_example(tok, "Who?", "A banker", context)
+    n = sum(l != IGNORE for l in distilled.labels[1:])
+    distilled = Example(distilled.input_ids, distilled.labels, kind="distill",
+                        teacher=torch.randn(n, model.cfg.vocab_size).log_softmax(-1))
+    batch.append(distilled)
+    P = shared_prompt(batch)
+    assert P >= len(tok.encode(context)) - 2                # the document, not just the template's first tokens
+    assert all(l == IGNORE for ex in batch for l in ex.labels[:P + 1])
+    cfg = TrainConfig(dtype="float32", grad_checkpoint=grad_checkpoint)
+    params = gm.trainable_parameters(model)
+    model.zero_grad(set_to_none=True)
+    want_loss, want_n = 0.0, 0
+    for ex in batch:
+        loss, n = batch_loss(model, [ex], cfg)
+        loss.backward()
+        want_loss, want_n = want_loss + loss.item(), want_n + n
+    want = {k: p.grad.clone() for k, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    loss, n = batch_loss(model, batch, cfg)
+    loss.backward()
+    assert n == want_n and abs(loss.item() - want_loss) < 1e-4 * want_loss
+    assert all(torch.allclose(params[k].grad, want[k], atol=1e-5, rtol=1e-4) for k in want), \
+        max((params[k].grad - want[k]).abs().max().item() for k in want)
+
+
+def test_windows_share_no_prompt_and_qa_batches_group_only_the_prompted_examples():
+    from data import Example, batches, shared_prompt
+    w = [Example(list(range(i, i + 40)), list(range(i, i + 40))) for i in range(3)]
+    q = [Example(list(range(30)) + [90 + i], [-100] * 30 + [90 + i], kind="qa") for i in range(5)]
+    assert shared_prompt(w[:1] * 2) == 0 and shared_prompt(q[:1]) == 0 and shared_prompt(q) == 29
+    order = [w[0], q[0], q[1], w[1], q[2], q[3], q[4], w[2]]
+    assert batches(order, 1) == [[ex] for ex in order]                      # the default: as before
+    assert batches(order, 2, 3) == [[w[0], w[1]], [q[0], q[1], q[2]], [q[3], q[4]], [w[2]]]
