@@ -7,8 +7,8 @@
    LIFT's windows teach the adapter to continue the document's text, and the anchor teaches it to
    change nothing on unrelated text. Neither shows it a question whose answer lies in the absorbed
    document, so the gate learns "does this look like the document?", not "does this query need
-   the document?" (README, "The method's quality"). Both kinds of examples below use the LIFT+ICL
-   prompt, the truncated document then the question, exactly as at answer time:
+   the document?" (results/NOTEBOOK.md, "The method's quality"). Both kinds of examples below use
+   the LIFT+ICL prompt, the truncated document then the question, exactly as at answer time:
      - names (--study quote, the default): for up to N names in the document, "What does the text
        say about <name>?" answered `The text says: "<the first sentence naming it>"`, with
        cross-entropy (auxiliary QA whose pairs a rule writes, so every answer is true);
@@ -17,18 +17,18 @@
        answered with the name or number. A user's question gives the sentence's other words and
        asks for the name ("Who founded the town band?"); the quote asks the name for the sentence.
        A model that learns "A is B" does not thereby answer "B is?" (the "reversal curse"), so the
-       direction studied might matter. Measured on the demo's prose (README, "The same recipe on
-       the demo's prose"), it does not help: the blanks are learnt and the user's questions still
-       miss them (2 of 12 answered, against 4 with every name quoted);
+       direction studied might matter. Measured on the demo's prose (results/NOTEBOOK.md, "The
+       same recipe on the demo's prose"), it does not help: the blanks are learnt and the user's
+       questions still miss them (2 of 12 answered, against 4 with every name quoted);
      - or both (--study both): up to N of each, every fact asked in two phrasings and both
        directions, to test whether a fact studied more than one way reaches a third phrasing;
      - or keys (--study keys): every sentence quoted under many keys and many phrasings. A user
        asks a fact by the sentence's *other* words ("Who founded the town band?" for "The town
        band was founded … by a clockmaker named Ferdinand Oakes"), and an adapter trained on one
-       question form learns that form, not the fact (README). So each distinctive word of the
-       document (a name, a number, or a word that few sentences use) becomes a key to the first
-       sentence that has it, asked in one of KEY_QUESTIONS' phrasings in turn: "What do we learn
-       about "warden" from the text?" → `The text says: "The first frost warden was …"`. This is
+       question form learns that form, not the fact (results/NOTEBOOK.md). So each distinctive
+       word of the document (a name, a number, or a word that few sentences use) becomes a key to
+       the first sentence that has it, asked in one of KEY_QUESTIONS' phrasings in turn: "What do
+       we learn about "warden" from the text?" → `The text says: "The first frost warden was …"`. This is
        the augmentation that lets fine-tuned facts be retrieved by other questions (several
        phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
      - with --phrasings K, every quoting question (quote, keys, both) in K of those wordings: a
@@ -69,8 +69,8 @@ REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own s
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
 # The wordings of a quoting question, all answered with REPLY: --study keys asks each key in the
-# next one in turn, --phrasings K asks every question in K of them (README: "One wording stores a
-# prompt, several store a fact").
+# next one in turn, --phrasings K asks every question in K of them (results/NOTEBOOK.md: "One
+# wording stores a prompt, several store a fact").
 KEY_QUESTIONS = (QUESTION, "What do we learn about {} from the text?",
                  "Tell me what the text says about {}.", "Who or what is connected with {} in the text?",
                  "What happened with {}, according to the text?", "Which names and numbers go with {} in the text?")

@@ -17,8 +17,9 @@ one on `Transformer.output_adapter`.
 
 One extension of ours, off by default: `memory_reads="layer"` gives each head's memory the queries
 of all the layer's heads (the whole normalised residual stream, through the frozen wq) at the
-same weight count, to measure how much the narrow 64-wide input slows storing (README, "Where
-each adapter writes": a little; the place the memory writes matters more).
+same weight count, to measure how much the narrow 64-wide input slows storing
+(results/NOTEBOOK.md, "Where each adapter writes": a little; the place the memory writes matters
+more).
 
 Initialisation (our choice; the released code applies kaiming-uniform to the stacked tensors,
 which gives other scales): the input layers W1, W1' get PyTorch's usual fan-in scale so their

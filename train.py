@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA of this rank on every linear layer instead of Gated Memory (the paper's "
                         "ablation baseline; with --distill it is what answered facts outside the budget "
-                        "at this scale: README, \"Each adapter at its best learning rate\"). 0: Gated Memory")
+                        "at this scale: results/NOTEBOOK.md, \"Each adapter at its best learning rate\"). 0: Gated Memory")
     p.add_argument("--adapter", default=None, help="adapter file: loaded if it exists (and was trained on this "
                                                    "document with these settings), else trained and saved there")
     p.add_argument("--init", default=None, help="start LIFT from this initialisation (made by `train.py sft`)")
