@@ -52,7 +52,7 @@ class TrainConfig:
     accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
     qa_batch: int = option(1, "QA and self-study examples per forward pass (and so per step with --accumulate 1): "
                               "the truncated document they all begin with then runs once per batch, exactly; "
-                              "1 = one at a time, as released")
+                              "1 = one at a time, as released (tokens/s still counts each example's own copy)")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
     anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension; 0 = the paper's "
