@@ -51,8 +51,8 @@ class TrainConfig:
     batch: int = option(1, "examples per forward pass (padded to the longest); released: 1")
     accumulate: int = option(1, "batches per optimizer step; 0 = the whole epoch (released code)")
     qa_batch: int = option(1, "QA and self-study examples per forward pass (and so per step with --accumulate 1): "
-                              "the truncated document they all begin with then runs once per batch, exactly; "
-                              "1 = one at a time, as released (tokens/s still counts each example's own copy)")
+                              "the truncated document they all begin with then runs once per batch, exactly (tokens/s "
+                              "still counts it once per example); 1 = one at a time, as released")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on CUDA and on CPUs with fast bf16, "
                                 "else float32), bfloat16 or float32", choices=("auto", "bfloat16", "float32"))
     anchor: float = option(1.0, "weight of the KL anchor on unrelated text (our extension; 0 = the paper's "
