@@ -99,12 +99,49 @@ def default_model_path() -> Path:
     return path
 
 
+# config.json keys that change the math of a Llama-like model and that this file does not
+# implement: a checkpoint that sets them is refused rather than run with silently wrong outputs.
+UNSUPPORTED_KEYS = ("partial_rotary_factor", "sliding_window", "attn_logit_softcapping",
+                    "final_logit_softcapping", "logits_scaling", "embedding_multiplier",
+                    "residual_multiplier", "attention_multiplier", "no_rope_layers", "qk_norm")
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """Read a Hugging Face config.json dict; refuse what this model cannot run."""
+    arch = hf.get("model_type")
+    if arch != "llama":
+        raise ConfigError(f"model_type {arch!r} is not supported: this project runs Llama-architecture models only")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError("checkpoints with attention or MLP biases are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+    for key in UNSUPPORTED_KEYS:
+        if hf.get(key) not in (None, False, 1, 1.0) or (key == "sliding_window" and hf.get("use_sliding_window")):
+            raise ConfigError(f"config.json sets {key}={hf.get(key)!r}, which this Llama does not implement")
+    # transformers 5 writes rope_theta and rope_scaling inside one "rope_parameters" dict.
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    n_heads = hf["num_attention_heads"]
+    cfg = dict(
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
 def _load_hf_dir(path: Path, device, dtype, **overrides):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} is not a model directory: it has no config.json")
     try:
-        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path / 'config.json'} is not valid JSON ({e})") from None
     except (KeyError, TypeError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -91,3 +92,65 @@ class SharedPrefix:
         B = k.shape[0]
         return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),    # (B, H_kv, P + T, D)
                 torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+
+
+# ----------------------------------------------------------------------------- the loss at the output head
+HEAD_CHUNK = 1 << 23    # logits computed at a time, in elements: 8M fp32 = 32 MB (SmolLM2: 170 rows of 49,152)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Σ over rows of the loss of logits x·Wᵀ against `target`, and its gradient for x, a few rows at a
+    time, both in the forward pass (the loss is the graph's last node, so the gradient is known there;
+    backward only scales it). Why: the whole (N, V) logits in fp32 are 50 MB at N = 256, and their
+    softmax, its gradient and the casts make four more such tensors per step. Tensors that large are
+    fresh pages from the kernel on every allocation (glibc maps them), and touching those pages cost a
+    fifth of a training step on the CPUs measured (results/NOTEBOOK.md, "The output head's loss").
+    Chunks of HEAD_CHUNK elements are reused from the heap. W is frozen here: no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target):
+        rows, want_grad = max(1, HEAD_CHUNK // weight.shape[0]), ctx.needs_input_grad[0]
+        loss, grad = torch.zeros((), device=x.device), torch.empty_like(x)        # grad: (N, C)
+        for i in range(0, x.shape[0], rows):
+            z = F.linear(x[i:i + rows], weight).float()                            # (n, V) logits
+            logp = z.sub_(z.logsumexp(-1, keepdim=True))                           # log-softmax, in place
+            if isinstance(target, torch.Tensor):                                   # next tokens: cross-entropy
+                t = target[i:i + rows, None]                                       # (n, 1)
+                loss -= logp.gather(1, t).sum()
+                if not want_grad:                                                  # evaluation: the loss only
+                    continue
+                d = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))  # softmax − one-hot
+            else:                                                                  # KL(teacher ‖ model)
+                teacher = target(i, i + rows)                                      # (n, V) log-probabilities
+                p = teacher.exp()
+                loss += (p * (teacher - logp)).sum()
+                if not want_grad:
+                    continue
+                d = logp.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)              # exact if Σp is not quite 1
+            grad[i:i + rows] = (d.to(weight.dtype) @ weight).to(x.dtype)           # (n, C): dloss/dx
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None
+
+
+def head_loss(model, x: torch.Tensor, target) -> torch.Tensor:
+    """The loss summed over rows of the model's output head applied to its final states x (N, C):
+    cross-entropy against next tokens (target: (N,) ids), or KL(teacher ‖ model) (target: a function
+    (i, j) -> the teacher's fp32 log-probabilities for rows i..j, (j − i, V)). The same number as
+    computing all logits and then the loss, without the (N, V) tensors (_ChunkedHeadLoss). Call it
+    under the autocast of the model's forward pass, so that the head runs in the same dtype. With an
+    output adapter (which needs gradients of its own) the logits are computed whole, plainly."""
+    weight = model.head_weight
+    if model.output_adapter is None and not weight.requires_grad:
+        return _ChunkedHeadLoss.apply(x, weight, target)       # autocast reaches inside: same dtype as F.linear
+    logits = F.linear(x, weight)                                                     # (N, V)
+    if model.output_adapter is not None:
+        logits = logits + model.output_adapter(x)
+    logp = logits.float().log_softmax(-1)                                            # (N, V)
+    if isinstance(target, torch.Tensor):
+        return F.nll_loss(logp, target, reduction="sum")
+    return F.kl_div(logp, target(0, x.shape[0]), log_target=True, reduction="sum")

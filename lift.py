@@ -28,7 +28,7 @@ from tqdm import tqdm
 import gated_memory
 import resume
 from adapters import attach_fresh, attached, load_adapter_file
-from compute import SharedPrefix, autocast, bucketed, compiled_blocks
+from compute import SharedPrefix, autocast, bucketed, compiled_blocks, head_loss
 from data import (IGNORE, DataConfig, Example, batches, build_epochs, question_messages, shared_prompt, truncate_middle,
                   window_examples)
 from model import generate
@@ -105,46 +105,55 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     targets = labels[:, 1:]                                                  # (B, T-1)
     at = F.pad(targets != IGNORE, (0, 1))                                    # (B, T) predicting positions
     cache = SharedPrefix() if P else None
+    hard = targets[at[:, :-1]]                                               # (N,) next tokens
     with autocast(device, cfg.dtype):
         if P:                       # the shared prompt, once: fills the cache, no logits needed
             model(torch.tensor([examples[0].input_ids[:P]], device=device), cache=cache,
-                  grad_checkpoint=cfg.grad_checkpoint, logits_at=torch.zeros(1, P, dtype=torch.bool, device=device))
-        logits = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
-                       logits_at=at)                                         # (N, V), rows in (b, t) order
-    hard = targets[at[:, :-1]]                                               # (N,) next tokens
-    if all(ex.teacher is None for ex in examples):       # the usual case: one fused call, fp32 softmax over V
-        return F.cross_entropy(logits.float(), hard, reduction="sum"), logits.shape[0]
-    logp = logits.float().log_softmax(-1)                                    # (N, V)
-    loss, row = logp.new_zeros(()), 0
-    for ex in examples:                                  # each example's labelled rows are contiguous
-        n = sum(l != IGNORE for l in ex.labels[1:])
-        if ex.teacher is None:                           # cross-entropy against the next token
-            loss = loss - logp[row:row + n].gather(1, hard[row:row + n, None]).sum()
-        else:                                            # distill.py: KL(teacher ‖ model), summed over rows
-            teacher = ex.teacher.to(device).float()                         # (n, V) log-probabilities
-            loss = loss + F.kl_div(logp[row:row + n], teacher, log_target=True, reduction="sum")
-        row += n
-    return loss, logits.shape[0]
+                  grad_checkpoint=cfg.grad_checkpoint, head=False)
+        x = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
+                  logits_at=at, head=False)                                  # (N, C) final states, rows in (b, t) order
+        if all(ex.teacher is None for ex in examples):   # the usual case: cross-entropy, fp32 softmax over V
+            return head_loss(model, x, hard), x.shape[0]
+        loss, row = x.new_zeros((), dtype=torch.float32), 0
+        for ex in examples:                              # each example's labelled rows are contiguous
+            n = sum(l != IGNORE for l in ex.labels[1:])
+            if ex.teacher is None:                       # cross-entropy against the next token
+                loss = loss + head_loss(model, x[row:row + n], hard[row:row + n])
+            else:                                        # distill.py: KL(teacher ‖ model), summed over rows
+                teacher = ex.teacher.to(device)                                # (n, V) log-probabilities
+                loss = loss + head_loss(model, x[row:row + n], lambda i, j, t=teacher: t[i:j].float())
+            row += n
+    return loss, x.shape[0]
 
 
-def anchor_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
+def anchor_loss(model, ex: Example, cfg: TrainConfig, base_states: Optional[dict] = None) -> torch.Tensor:
     """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
     moves the next-token distribution where it should change nothing (our extension). With
     cfg.gate_penalty, plus that weight times the mean gate g over the example's tokens, every
     layer and head: the gate itself is asked to stay shut there (Gated Memory only). The anchor
-    runs without checkpointing: it is short, and the gates collected must keep their gradient."""
+    runs without checkpointing: it is short, and the gates collected must keep their gradient.
+    base_states: a dict kept for a run, where the frozen base's final states for each example are
+    stored on first use: the base never changes, so its pass is not run again (exact)."""
     device = model.tok_embeddings.weight.device
     T = len(ex.input_ids)
     pad = [0] * (bucketed(T, cfg.compile) - T)                               # causal: padding after T changes nothing
     ids = torch.tensor([ex.input_ids + pad], device=device)                 # (1, T + padding)
-    with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
-        base = model(ids)[0, :T].float().log_softmax(-1)                    # (T, V), the frozen base
+    base = None if base_states is None else base_states.get(id(ex))
+    if base is None:
+        with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
+            base = model(ids, head=False)[0, :T]                            # (T, C), the frozen base's final states
+        if base_states is not None:
+            base_states[id(ex)] = base
+
+    def base_logp(i: int, j: int) -> torch.Tensor:                          # (j − i, V), the teacher: the base
+        return F.linear(base[i:j], model.head_weight).float().log_softmax(-1)
+
     memories = gated_memory.adapters(model) if cfg.gate_penalty else []
     for m in memories:
         m.gate_log = []
     with autocast(device, cfg.dtype):
-        adapted = model(ids)[0, :T].float().log_softmax(-1)                 # (T, V)
-    loss = F.kl_div(adapted, base, log_target=True, reduction="batchmean")  # Σ p_base·(log p_base − log p_adapted) / T
+        adapted = model(ids, head=False)[0, :T]                             # (T, C)
+        loss = head_loss(model, adapted, base_logp) / T                     # Σ p_base·(log p_base − log p_adapted) / T
     if memories:
         loss = loss + cfg.gate_penalty * torch.cat([g[:, :T].flatten() for m in memories for g in m.gate_log]).mean()
         for m in memories:
@@ -179,6 +188,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
     model.train()
     run = resume.load(resume_file, params, opt)            # counters; a fresh Run unless resuming
     t0, kl_sum = time.time() - run.seconds, torch.tensor(run.kl_sum, device=device)
+    base_states = {}                                       # the anchors' base pass, run once each (anchor_loss)
     bar = tqdm(total=sum(len(e) for e in plan), initial=sum(len(e) for e in plan[:run.epochs_done]),
                disable=not progress, unit="ex", dynamic_ncols=True)
     with compiled_blocks(model, cfg.compile):             # plain eager blocks unless --compile
@@ -193,7 +203,7 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                     loss, n = batch_loss(model, batch, cfg)
                     (loss / labelled).backward()               # gradients add up across the step
                     if cfg.anchor and anchors and run.batches % cfg.anchor_every == 0:
-                        kl = anchor_loss(model, anchors[run.anchors % len(anchors)], cfg)
+                        kl = anchor_loss(model, anchors[run.anchors % len(anchors)], cfg, base_states)
                         (cfg.anchor * cfg.anchor_every * kl / len(step)).backward()
                         run.anchors, kl_sum = run.anchors + 1, kl_sum + kl.detach()
                     run.batches += 1

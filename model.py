@@ -35,13 +35,6 @@ class ConfigError(UserError):
     """A checkpoint or setting we refuse, with a message meant for the user."""
 
 
-# config.json keys that change the math of a Llama-like model and that this file does not
-# implement: a checkpoint that sets them is refused rather than run with silently wrong outputs.
-UNSUPPORTED_KEYS = ("partial_rotary_factor", "sliding_window", "attn_logit_softcapping",
-                    "final_logit_softcapping", "logits_scaling", "embedding_multiplier",
-                    "residual_multiplier", "attention_multiplier", "no_rope_layers", "qk_norm")
-
-
 @dataclass
 class ModelConfig:
     dim: int = 576                      # C, hidden_size
@@ -56,7 +49,8 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None # {"rope_type": "llama3", "factor": ..., ...} or None
     tie_embeddings: bool = True         # output head shares the token embedding matrix
     max_seq_len: int = 8192             # max_position_embeddings: the context the model was trained for
-    fused_attention: bool = True        # True: F.scaled_dot_product_attention; False: the explicit reference math
+    fused_attention: bool = True        # True: F.scaled_dot_product_attention where it is the faster path
+                                        # (see CPU_EXPLICIT_KEYS); False: always the explicit reference math
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -70,36 +64,6 @@ class ModelConfig:
     def n_rep(self) -> int:
         """How many query heads share one key/value head."""
         return self.n_heads // self.n_kv_heads
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "ModelConfig":
-        """Read a Hugging Face config.json dict; refuse what this model cannot run."""
-        arch = hf.get("model_type")
-        if arch != "llama":
-            raise ConfigError(f"model_type {arch!r} is not supported: this project runs Llama-architecture models only")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConfigError("checkpoints with attention or MLP biases are not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
-        for key in UNSUPPORTED_KEYS:
-            if hf.get(key) not in (None, False, 1, 1.0) or (key == "sliding_window" and hf.get("use_sliding_window")):
-                raise ConfigError(f"config.json sets {key}={hf.get(key)!r}, which this Llama does not implement")
-        # transformers 5 writes rope_theta and rope_scaling inside one "rope_parameters" dict.
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        n_heads = hf["num_attention_heads"]
-        cfg = dict(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-        )
-        cfg.update(overrides)
-        return cls(**cfg)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
@@ -175,6 +139,19 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
+# On a CPU the explicit math below is as fast as the fused kernel, or faster, up to about a thousand
+# keys, and the fused kernel's backward pass is the slow part of a training step: 1.1-1.2x slower
+# at 256-1,024 tokens (results/NOTEBOOK.md, "Attention on a CPU"). So short sequences take the
+# explicit path there, whether training or not (a base and an adapted pass over the same tokens
+# then compute alike), and longer ones the fused kernel. On CUDA the fused kernel always wins.
+CPU_EXPLICIT_KEYS = 1024
+
+
+def fused_kernel(cfg: ModelConfig, keys: int, device: torch.device) -> bool:
+    """Whether attention over `keys` keys takes the fused kernel (True) or the explicit math."""
+    return cfg.fused_attention and not (device.type == "cpu" and keys <= CPU_EXPLICIT_KEYS)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -190,7 +167,8 @@ class Attention(nn.Module):
         self.head_adapter: Optional[nn.Module] = None
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, start_pos: int = 0):
-        """x: (B, T, C); cos, sin: (T, D); mask: additive (T, S) or None for plain causal. -> (B, T, C)"""
+        """x: (B, T, C); cos, sin: (T, D); mask: additive (T, S), or None for plain causal in the
+        fused kernel (the explicit path always gets one). -> (B, T, C)"""
         B, T, _ = x.shape
         H, H_kv, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.wq(x).view(B, T, H, D)                          # (B, T, H, D), before rotary embedding
@@ -201,21 +179,26 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, S, D)
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
-        if self.cfg.fused_attention:
-            # enable_gqa lets the kernel share each key/value head without copying it n_rep times.
-            attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype
-            y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None,
-                                               enable_gqa=True)          # (B, H, T, D)
-        else:
-            # The reference path: what the fused kernel computes, written out.
+        if fused_kernel(self.cfg, k.shape[2], x.device):
+            # The CPU kernel's own sharing (enable_gqa=True) measured slower than these copies: its
+            # backward was 1.3-1.4x the time at 256 and 1,024 tokens (results/NOTEBOOK.md, "Attention").
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
-            scores = (q_rot @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
-            if mask is None:
-                mask = causal_mask(T, T, 0, x.device, scores.dtype)
-            scores = scores + mask                                # -inf above the diagonal
-            probs = F.softmax(scores.float(), dim=-1).to(v.dtype) # softmax in fp32 for stability
-            y = probs @ v                                         # (B, H, T, D)
+            attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype
+            y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None)  # (B, H, T, D)
+        else:
+            # The reference path: what the fused kernel computes, written out. The n_rep query heads
+            # of one key/value head are stacked along the time axis, so that one matrix product per
+            # key/value head serves all of them, with no copy of the keys and values.
+            S, R = k.shape[2], self.cfg.n_rep
+            qg = q_rot.reshape(B, H_kv, R * T, D)                 # (B, H_kv, R·T, D): heads h = kv·R + r
+            scores = (qg @ k.transpose(-2, -1)) / math.sqrt(D)    # (B, H_kv, R·T, S)
+            scores = scores.view(B, H_kv, R, T, S) + mask.to(scores.dtype)   # (T, S) mask: -inf above the diagonal
+            # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the
+            # fp32 softmax rounded to bf16, bit for bit, and its backward agrees to bf16 rounding.
+            # Casting the (B, H, T, S) scores to fp32 first would double the step's largest tensor.
+            probs = F.softmax(scores, dim=-1)
+            y = (probs.view(B, H_kv, R * T, S) @ v).view(B, H, T, D)   # (B, H, T, D)
         y = y.transpose(1, 2)                                    # (B, T, H, D)
         if self.head_adapter is not None:
             y = self.head_adapter(q, y)                          # (B, T, H, D)
@@ -269,20 +252,22 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
                 last_only: bool = False, grad_checkpoint: bool = False,
-                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_at: Optional[torch.Tensor] = None, head: bool = True) -> torch.Tensor:
         """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only,
         or (N, V) where the (B, T) boolean mask `logits_at` is True (the output head is a fifth
         of the model's FLOPs: a loss over a few answer tokens should not pay for every position).
+        head=False: the normed final states instead, (..., C), for a loss that applies the output
+        head itself (`head_weight`, then `output_adapter`) a few rows at a time.
 
         grad_checkpoint: keep only each block's input during the forward pass and recompute the
         block in the backward pass (memory for compute, as LIFT's released code does)."""
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)                                      # (B, T, C)
         cos, sin = rope_table(self.cfg, torch.arange(start_pos, start_pos + T, device=tokens.device))
-        S = start_pos + T
-        # Built once, shared by all layers. A plain causal prefix needs no mask tensor (the fused
-        # kernel's is_causal flag is faster); a cached continuation must also see the past.
-        mask = None if start_pos == 0 else causal_mask(T, S, start_pos, tokens.device, torch.float32)
+        # Built once, shared by all layers. A plain causal prefix needs no mask tensor in the fused
+        # kernel (its is_causal flag is faster); a cached continuation must also see the past.
+        plain = start_pos == 0 and fused_kernel(self.cfg, start_pos + T, tokens.device)
+        mask = None if plain else causal_mask(T, start_pos + T, start_pos, tokens.device, torch.float32)  # (T, S)
         for layer in self.layers:
             if grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
@@ -293,9 +278,15 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[logits_at]                                                 # (N, C)
         x = self.norm(x)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(x, head)                                           # (B, T, V)
+        if not head:
+            return x                                                         # (B, T, C) or (N, C)
+        logits = F.linear(x, self.head_weight)                               # (B, T, V)
         return logits if self.output_adapter is None else logits + self.output_adapter(x)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head (V, C): the token embedding matrix when the two are tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
 
 # ----------------------------------------------------------------------------- generation

@@ -306,6 +306,23 @@ def test_anchor_kl_is_zero_for_an_adapter_equal_to_the_base_and_positive_otherwi
     assert kl.item() > 0 and kl.requires_grad                        # g ≈ 0.047 already moves it a little
 
 
+def test_anchor_base_pass_runs_once_per_example_and_changes_no_loss(tiny_dir):
+    """The frozen base's states for an anchor example are kept for the run: the second use runs
+    only the adapted model, with the same KL as a fresh computation."""
+    from data import Example
+    from lift import anchor_loss
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    ids = tok.encode(TEXT)[:40]
+    ex, cfg, kept = Example(ids, ids, kind="anchor"), TrainConfig(dtype="float32"), {}
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    first = anchor_loss(model, ex, cfg, kept).item()
+    second = anchor_loss(model, ex, cfg, kept).item()
+    assert len(calls) == 3 and len(kept) == 1                        # base + adapted, then adapted only
+    assert first == second == anchor_loss(model, ex, cfg).item()
+
+
 def test_anchor_term_keeps_the_adapted_model_closer_to_the_base(tiny_dir):
     """Same document, same seed: with --anchor the KL to the base on unrelated text ends lower."""
     from data import anchor_examples
@@ -414,8 +431,8 @@ def test_anchor_every_n_batches_runs_the_anchor_that_often_with_n_times_its_weig
     plan = [[Example(ids[i:i + 24], ids[i:i + 24]) for i in range(0, 40, 8)]]         # 5 batches
     weights, real = [], lift.anchor_loss
 
-    def spied(m, ex, cfg):                   # records the weight each anchor KL enters the gradient with
-        kl = real(m, ex, cfg)
+    def spied(m, ex, cfg, base_states):      # records the weight each anchor KL enters the gradient with
+        kl = real(m, ex, cfg, base_states)
         kl.register_hook(lambda g: weights.append(g.item()))
         return kl
     monkeypatch.setattr(lift, "anchor_loss", spied)

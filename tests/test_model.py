@@ -24,18 +24,47 @@ def test_hf_directory_loads_strictly_and_gives_same_logits(tmp_path, tied, shard
     assert tok.stop_ids == (2,)
 
 
-def test_explicit_and_fused_attention_agree():
+def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cache(monkeypatch):
+    """Training uses either path: their logits and gradients agree, for a plain causal prefix
+    (the fused kernel's is_causal) and for a continuation after a KV cache (an explicit mask);
+    grouped-query heads (4 query heads on 2 key/value heads) included."""
+    import model as model_module
+    from model import KVCache
+    monkeypatch.setattr(model_module, "CPU_EXPLICIT_KEYS", 0)       # the fused kernel even for short inputs on a CPU
     model = tiny_model()
-    with torch.no_grad():
-        model.cfg.fused_attention = False
-        explicit = model(IDS)
-        model.cfg.fused_attention = True
-        fused = model(IDS)
-    assert (explicit - fused).abs().max().item() <= 1e-5
+    assert model.cfg.n_heads > model.cfg.n_kv_heads
+    wq = model.layers[0].attention.wq.weight.requires_grad_(True)   # a gradient that crosses both layers' attention
+    out = {}
+    for fused in (False, True):
+        model.cfg.fused_attention = fused
+        logits = model(IDS)
+        logits.pow(2).mean().backward()
+        cache = KVCache(model.cfg, 1, IDS.shape[1], "cpu", torch.float32)
+        with torch.no_grad():
+            model(IDS[:, :7], cache=cache)
+            continued = model(IDS[:, 7:], cache=cache, start_pos=7)          # (1, 5, V)
+        out[fused] = (logits.detach(), wq.grad.clone(), continued)
+        wq.grad = None
+    for explicit, fused in zip(out[False], out[True]):
+        assert (explicit - fused).abs().max().item() <= 1e-5
+    assert (out[True][2] - out[True][0][:, 7:]).abs().max().item() <= 1e-5   # the cache changes nothing
+
+
+def test_a_cpu_takes_the_explicit_path_for_short_inputs_and_the_fused_kernel_beyond():
+    from model import CPU_EXPLICIT_KEYS, fused_kernel
+    cfg = tiny_model().cfg
+    cfg.fused_attention = True
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not fused_kernel(cfg, CPU_EXPLICIT_KEYS, cpu) and fused_kernel(cfg, CPU_EXPLICIT_KEYS + 1, cpu)
+    assert fused_kernel(cfg, 16, cuda)
+    cfg.fused_attention = False                                        # the flag can always ask for the explicit math
+    assert not fused_kernel(cfg, 10 * CPU_EXPLICIT_KEYS, cpu) and not fused_kernel(cfg, 16, cuda)
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_greedy_generation_with_cache_equals_without(fused):
+def test_greedy_generation_with_cache_equals_without(fused, monkeypatch):
+    import model as model_module
+    monkeypatch.setattr(model_module, "CPU_EXPLICIT_KEYS", 0)
     model = tiny_model(fused_attention=fused)
     prompt = IDS[0].tolist()
     cached = generate(model, prompt, 20)
