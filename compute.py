@@ -1,5 +1,5 @@
-"""How the model computes, apart from what: the dtype, autocast, compiled blocks for training, and
-a batch whose examples share their first tokens.
+"""How the model computes, apart from what: the dtype, autocast, compiled blocks for training, a
+batch whose examples share their first tokens, and the output head's loss a chunk of rows at a time.
 
 Plumbing, not part of the method: lift.py's loop and every command line use these so that the
 same code runs on a CPU and on CUDA, and so that no work is done twice.
@@ -99,13 +99,13 @@ HEAD_CHUNK = 1 << 23    # logits computed at a time, in elements: 8M fp32 = 32 M
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Σ over rows of the loss of logits x·Wᵀ against `target`, and its gradient for x, a few rows at a
-    time, both in the forward pass (the loss is the graph's last node, so the gradient is known there;
-    backward only scales it). Why: the whole (N, V) logits in fp32 are 50 MB at N = 256, and their
-    softmax, its gradient and the casts make four more such tensors per step. Tensors that large are
-    fresh pages from the kernel on every allocation (glibc maps them), and touching those pages cost a
-    fifth of a training step on the CPUs measured (results/NOTEBOOK.md, "The output head's loss").
-    Chunks of HEAD_CHUNK elements are reused from the heap. W is frozen here: no gradient for it."""
+    """Σ over rows of the loss of logits x·Wᵀ against `target`, and its gradient for x, a chunk of rows
+    at a time, both in the forward pass (the loss is the graph's last node, so its gradient is known
+    there; backward only scales it). Why: computed whole, the (N, V) logits, their fp32 copy, their
+    softmax and its gradient are four or five tensors of N·V numbers (50 MB each in fp32 for one
+    256-token window of SmolLM2, 200 MB at 1,024 rows); here only one chunk's exist. On the CPUs
+    measured this saves memory, not time (results/NOTEBOOK.md, "Speed on an AVX-512 bf16 machine,
+    2026-12-02"). W is frozen here: no gradient for it."""
 
     @staticmethod
     def forward(ctx, x, weight, target):

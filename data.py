@@ -53,6 +53,8 @@ class DataConfig:
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
+    closed_book: bool = option(False, "each self-study question also asked without the document, as LIFT alone is "
+                                      "asked (our extension; the released QA prompt always holds the document)")
 
     def __post_init__(self):
         if not 1 <= self.phrasings <= 6:
@@ -95,7 +97,7 @@ def read_document(path: str) -> str:
 class Example:
     input_ids: list[int]
     labels: list[int]             # same length; IGNORE where no loss
-    kind: str = "window"          # "window", "qa", "anchor" or "distill"
+    kind: str = "window"          # "window", "qa", "closed" (a QA pair without the document), "anchor" or "distill"
     # kind "distill" only (distill.py): the frozen base model's log-probabilities (N, V) at the
     # N labelled positions, read with the evidence in context; the loss is then KL(teacher ‖ model).
     teacher: Optional[object] = None
@@ -261,18 +263,19 @@ def batches(examples: list[Example], size: int, prompted: int = 1) -> list[list[
     """An epoch's examples (already shuffled) in forward-pass batches of `size`. With prompted > 1,
     the examples that begin with the answer-time prompt (QA pairs, self-study questions: every
     kind but "window") go `prompted` at a time instead, each batch placed where its first example
-    fell, so that lift.batch_loss runs their shared truncated document once per batch."""
+    fell, so that lift.batch_loss runs their shared truncated document once per batch; questions
+    asked without the document ("closed") are batched apart, as they share no document."""
     if prompted == 1:
         return [examples[i:i + size] for i in range(0, len(examples), size)]
-    out, filling = [], {}                       # filling: the open batch of windows, of prompted examples
+    out, filling = [], {}                       # filling: the open batch of each group
     for ex in examples:
-        window = ex.kind == "window"
-        if window not in filling:
-            filling[window] = []
-            out.append(filling[window])
-        filling[window].append(ex)
-        if len(filling[window]) == (size if window else prompted):
-            del filling[window]
+        group = ex.kind if ex.kind in ("window", "closed") else "prompted"
+        if group not in filling:
+            filling[group] = []
+            out.append(filling[group])
+        filling[group].append(ex)
+        if len(filling[group]) == (size if group == "window" else prompted):
+            del filling[group]
     return out
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -192,10 +193,14 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
     document's sentence (cross-entropy, in the LIFT+ICL prompt), and half as many unrelated
     questions asked with the truncated document in context, whose target is the base model's
     distribution on that same prompt (KL): the answer-time format's own anchor, so that LIFT+ICL
-    answers as ICL does wherever the absorbed document does not help.
+    answers as ICL does wherever the absorbed document does not help. With cfg.closed_book, every
+    self-study question is also trained without the document, the prompt of LIFT alone.
     Call with no adapter attached: the teacher is the model as it is."""
     context = truncate_middle(doc, cfg.context, tok)
-    named = [qa_example(tok, question, reply, context) for question, reply, _ in study_pairs(tok.decode(doc), cfg)]
+    pairs = study_pairs(tok.decode(doc), cfg)
+    named = [qa_example(tok, question, reply, context) for question, reply, _ in pairs]
+    if cfg.closed_book:          # the same questions in the prompt LIFT alone is asked in: no document
+        named += [replace(qa_example(tok, question, reply, None), kind="closed") for question, reply, _ in pairs]
     unrelated = anchor_questions()[:max(1, cfg.distill // 2)]
     return named + [teacher_example(model, tok, q, context, dtype)
                     for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]

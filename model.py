@@ -139,12 +139,12 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU the explicit math below is as fast as the fused kernel, or faster, up to about a thousand
-# keys, and the fused kernel's backward pass is the slow part of a training step: 1.1-1.2x slower
-# at 256-1,024 tokens (results/NOTEBOOK.md, "Attention on a CPU"). So short sequences take the
-# explicit path there, whether training or not (a base and an adapted pass over the same tokens
-# then compute alike), and longer ones the fused kernel. On CUDA the fused kernel always wins.
-CPU_EXPLICIT_KEYS = 1024
+# On a CPU the fused kernel's backward pass is slow: with it a training step took 1.13-1.15x as long
+# as with the explicit math below at 256 and 512 tokens, and about as long at 1,024; a forward pass
+# was about as fast either way up to 512 tokens (results/NOTEBOOK.md, "Attention on a CPU"). So
+# sequences up to 512 keys take the explicit path there, training or not (a base and an adapted pass
+# over the same tokens then compute alike), longer ones the fused kernel. CUDA always takes the kernel.
+CPU_EXPLICIT_KEYS = 512
 
 
 def fused_kernel(cfg: ModelConfig, keys: int, device: torch.device) -> bool:
@@ -180,8 +180,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, S, D)
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
         if fused_kernel(self.cfg, k.shape[2], x.device):
-            # The CPU kernel's own sharing (enable_gqa=True) measured slower than these copies: its
-            # backward was 1.3-1.4x the time at 256 and 1,024 tokens (results/NOTEBOOK.md, "Attention").
+            # Copies: the CPU kernel's own sharing (enable_gqa=True) was as fast at 256 tokens and
+            # slower at 1,024, forward + backward (eval.py bench; results/NOTEBOOK.md, "Attention on a CPU").
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype

@@ -21,12 +21,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import cache
 import gated_memory
+import model as model_module
 from compute import autocast, compiled_blocks
 from data import DataConfig, qa_example, read_document, truncate_middle, window_examples
 from lift import TrainConfig, anchor_loss, batch_loss
@@ -122,6 +125,49 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
     model.eval()
     gated_memory.remove(model)
     return T * batch / seconds, peak - start, first
+
+
+@contextmanager
+def fused_kernel_everywhere(on: bool):
+    """Inside, a CPU takes the fused attention kernel at every length (model.CPU_EXPLICIT_KEYS = 0),
+    to time what the explicit path saves."""
+    saved = model_module.CPU_EXPLICIT_KEYS
+    model_module.CPU_EXPLICIT_KEYS = 0 if on else saved
+    try:
+        yield
+    finally:
+        model_module.CPU_EXPLICIT_KEYS = saved
+
+
+def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
+    """Milliseconds of one layer's attention, forward and backward, over T tokens, by path (median
+    of `reps` after a warm-up): the explicit math (model.py's, as a CPU takes it up to
+    model.CPU_EXPLICIT_KEYS), the fused kernel with copied keys and values (model.py's beyond that),
+    and the fused kernel sharing them itself (enable_gqa=True)."""
+    c, dt = model.cfg, getattr(torch, dtype)
+    q = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(1, c.n_kv_heads, T, c.head_dim, dtype=dt, requires_grad=True) for _ in range(2))
+    grad = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt)
+    mask = model_module.causal_mask(T, T, 0, "cpu", torch.float32)
+
+    def explicit():                                  # model.py's explicit branch, on these q, k, v
+        R = c.n_rep
+        s = (q.reshape(1, c.n_kv_heads, R * T, c.head_dim) @ k.transpose(-2, -1)) / c.head_dim ** 0.5
+        p = F.softmax(s.view(1, c.n_kv_heads, R, T, T) + mask.to(s.dtype), dim=-1)
+        return (p.view(1, c.n_kv_heads, R * T, T) @ v).view(1, c.n_heads, T, c.head_dim)
+    paths = {"explicit": explicit,
+             "fused, copies": lambda: F.scaled_dot_product_attention(
+                 q, k.repeat_interleave(c.n_rep, 1), v.repeat_interleave(c.n_rep, 1), is_causal=True),
+             "fused, enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    out = []
+    for name, fn in paths.items():
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            fn().backward(grad)
+            times.append(time.perf_counter() - t)
+        out.append(f"{name} {1000 * sorted(times[1:])[reps // 2]:.1f} ms")
+    return f"| attention of one layer over {T} tokens, forward + backward: {', '.join(out)} | | | |"
 
 
 def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) -> list[str]:
@@ -229,31 +275,39 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
     print(f"| what | tokens/s | fraction of the {dtype} matmul rate | extra peak MB |\n|---|---:|---:|---:|")
     for T in lengths:
         ids = torch.randint(100, model.cfg.vocab_size, (1, T))
-        with torch.no_grad(), autocast(dev, dtype):
-            model(ids[:, :64])                                               # warm-up
-            s = float("inf")
-            for _ in range(2):
-                t = time.perf_counter()
-                model(ids)                                                   # all T logits, as in training
-                s = min(s, time.perf_counter() - t)
-        flops = T * per_token + attention_flops(model, T)
-        print(f"| prefill {T} | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
+        for fused in (False, True) if T <= model_module.CPU_EXPLICIT_KEYS else (False,):
+            with torch.no_grad(), autocast(dev, dtype), fused_kernel_everywhere(fused):
+                model(ids[:, :64])                                           # warm-up
+                s = float("inf")
+                for _ in range(2):
+                    t = time.perf_counter()
+                    model(ids)                                               # all T logits, as in training
+                    s = min(s, time.perf_counter() - t)
+            flops = T * per_token + attention_flops(model, T)
+            print(f"| prefill {T}{', fused attention kernel' if fused else ''} | {T / s:,.0f} | "
+                  f"{100 * flops / s / peak:.0f}% | |")
     eager = {}
     for T in train_lengths:
-        variants = ((1, False, False), (1, True, False), (4, False, False), (1, False, True))
-        for batch, ckpt, comp in variants if T == train_lengths[0] else variants[:2] + variants[3:]:
-            rate, mb, first = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp)
+        variants = ((1, False, False, False), (1, True, False, False), (4, False, False, False),
+                    (1, False, True, False), (1, False, False, True))
+        for batch, ckpt, comp, fused in variants if T == train_lengths[0] else variants[:2] + variants[3:]:
+            if fused and T > model_module.CPU_EXPLICIT_KEYS:
+                continue                                                     # the fused kernel already
+            with fused_kernel_everywhere(fused):
+                rate, mb, first = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp)
             flops = 2 * T * per_token + 3 * attention_flops(model, T)       # the 4N rule + attention
             limit = peak / (flops / T)
-            what = f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
+            what = (f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
+                    + (", fused attention kernel" if fused else ""))
             if comp:       # compile time, and how many trained tokens it takes to pay it back
                 gain = 1 / eager[T] - 1 / rate                                  # seconds saved per token
                 what += (f", torch.compile (first step {first:.0f} s; pays back after "
                          + (f"{(first - T / rate) / gain:,.0f} tokens)" if gain > 0 else "never)"))
-            elif batch == 1 and not ckpt:
+            elif batch == 1 and not ckpt and not fused:
                 eager[T] = rate
             print(f"| LIFT training step, {what} | {rate:,.0f} | "
                   f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
+        print(attention_paths(model, T, dtype))
     for row in default_loop_parts(model, tok, dtype):   # what a LIFT run's steps cost, anchor included
         print(row)
     for row in qa_batch_rates(model, tok, dtype):       # QA examples, and their shared prompt

@@ -198,3 +198,22 @@ def test_phrasings_ask_each_quoted_fact_in_that_many_wordings_and_leave_cloze_al
         DataConfig(phrasings=7)
     from cache import learning_settings
     assert "phrasings" not in learning_settings(DataConfig()) and learning_settings(DataConfig(phrasings=2))["phrasings"] == 2
+
+
+def test_closed_book_asks_every_study_question_again_without_the_document_and_batches_those_apart(tiny_dir):
+    from cache import learning_settings
+    from data import batches
+    model, tok = load_model(str(tiny_dir))
+    text = "the valley was quiet. " * 6 + "The bell was cast by Ysolde Parrin. " + "the river was slow. " * 6
+    doc = tok.encode(text)
+    cfg = DataConfig(window=64, context=32, distill=2, closed_book=True)
+    examples = distill_examples(model, tok, doc, cfg, "float32")
+    assert [ex.kind for ex in examples] == ["qa", "closed", "distill"]
+    opened, closed, _ = examples
+    answer = tok.encode(REPLY.format("The bell was cast by Ysolde Parrin.")) + [end_of_turn(tok)]
+    assert closed.input_ids == tok.encode_chat(question_messages(QUESTION.format("Ysolde Parrin"), None)) + answer
+    assert closed.labels[-len(answer):] == answer and truncate_middle(doc, 32, tok) not in tok.decode(closed.input_ids)
+    assert opened.input_ids[-len(answer):] == answer                     # the LIFT+ICL form is still there
+    grouped = batches([opened, closed, opened, closed], 1, prompted=2)
+    assert [[ex.kind for ex in b] for b in grouped] == [["qa", "qa"], ["closed", "closed"]]
+    assert "closed_book" not in learning_settings(DataConfig()) and learning_settings(cfg)["closed_book"] is True
