@@ -104,8 +104,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     there; backward only scales it). Why: computed whole, the (N, V) logits, their fp32 copy, their
     softmax and its gradient are four or five tensors of N·V numbers (50 MB each in fp32 for one
     256-token window of SmolLM2, 200 MB at 1,024 rows); here only one chunk's exist. On the CPUs
-    measured this saves memory, not time (results/NOTEBOOK.md, "Speed on an AVX-512 bf16 machine,
-    2026-12-02"). W is frozen here: no gradient for it."""
+    measured this saves memory, not time (results/NOTEBOOK.md, "Speed on an AVX-512 bf16 machine
+    again"). W is frozen here: no gradient for it."""
 
     @staticmethod
     def forward(ctx, x, weight, target):

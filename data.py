@@ -65,6 +65,8 @@ class DataConfig:
             raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
         if self.study not in STUDIES:
             raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
+        if self.closed_book and not self.distill:
+            raise DataError("--closed-book asks the self-study questions again: it needs --distill N")
 
     @property
     def step(self) -> int:

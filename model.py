@@ -139,11 +139,11 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU the fused kernel's backward pass is slow: with it a training step took 1.13-1.15x as long
-# as with the explicit math below at 256 and 512 tokens, and about as long at 1,024; a forward pass
-# was about as fast either way up to 512 tokens (results/NOTEBOOK.md, "Attention on a CPU"). So
-# sequences up to 512 keys take the explicit path there, training or not (a base and an adapted pass
-# over the same tokens then compute alike), longer ones the fused kernel. CUDA always takes the kernel.
+# On a CPU the fused kernel's backward pass is slow: with it a training step took 1.13x as long as
+# with the explicit math below at 256 tokens, and about as long at 1,024; a 512-token forward pass
+# was as fast either way (results/NOTEBOOK.md, "Speed on an AVX-512 bf16 machine again"). So up to
+# 512 keys a CPU takes the explicit path, training or not (a base and an adapted pass over the same
+# tokens then compute alike), and the fused kernel beyond. CUDA always takes the kernel.
 CPU_EXPLICIT_KEYS = 512
 
 
@@ -181,7 +181,7 @@ class Attention(nn.Module):
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
         if fused_kernel(self.cfg, k.shape[2], x.device):
             # Copies: the CPU kernel's own sharing (enable_gqa=True) was as fast at 256 tokens and
-            # slower at 1,024, forward + backward (eval.py bench; results/NOTEBOOK.md, "Attention on a CPU").
+            # slower at 1,024, forward + backward (eval.py bench; the notebook section above).
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype

@@ -217,3 +217,5 @@ def test_closed_book_asks_every_study_question_again_without_the_document_and_ba
     grouped = batches([opened, closed, opened, closed], 1, prompted=2)
     assert [[ex.kind for ex in b] for b in grouped] == [["qa", "qa"], ["closed", "closed"]]
     assert "closed_book" not in learning_settings(DataConfig()) and learning_settings(cfg)["closed_book"] is True
+    with pytest.raises(ValueError, match="--closed-book"):
+        DataConfig(closed_book=True)                                     # nothing to ask again without --distill
