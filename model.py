@@ -152,6 +152,22 @@ def fused_kernel(cfg: ModelConfig, keys: int, device: torch.device) -> bool:
     return cfg.fused_attention and not (device.type == "cpu" and keys <= CPU_EXPLICIT_KEYS)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference path: what the fused kernel computes, written out. q: (B, H, T, D); k, v:
+    (B, H_kv, S, D); mask: additive (T, S). -> (B, H, T, D). The R = H / H_kv query heads of one
+    key/value head are stacked along the time axis, so that one matrix product per key/value head
+    serves all of them, with no copy of the keys and values."""
+    (B, H, T, D), (H_kv, S) = q.shape, k.shape[1:3]
+    R = H // H_kv
+    scores = (q.reshape(B, H_kv, R * T, D) @ k.transpose(-2, -1)) / math.sqrt(D)   # (B, H_kv, R·T, S)
+    scores = scores.view(B, H_kv, R, T, S) + mask.to(scores.dtype)  # -inf above the diagonal
+    # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the fp32
+    # softmax rounded to bf16, bit for bit, and its backward agrees to bf16 rounding. Casting the
+    # (B, H, T, S) scores to fp32 first would double the step's largest tensor.
+    probs = F.softmax(scores, dim=-1)
+    return (probs.view(B, H_kv, R * T, S) @ v).view(B, H, T, D)     # (B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -181,24 +197,13 @@ class Attention(nn.Module):
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
         if fused_kernel(self.cfg, k.shape[2], x.device):
             # Copies: the CPU kernel's own sharing (enable_gqa=True) was as fast at 256 tokens and
-            # slower at 1,024, forward + backward (eval.py bench; the notebook section above).
+            # slower at 1,024, forward + backward (eval.py bench; notebook: see CPU_EXPLICIT_KEYS).
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype
             y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None)  # (B, H, T, D)
         else:
-            # The reference path: what the fused kernel computes, written out. The n_rep query heads
-            # of one key/value head are stacked along the time axis, so that one matrix product per
-            # key/value head serves all of them, with no copy of the keys and values.
-            S, R = k.shape[2], self.cfg.n_rep
-            qg = q_rot.reshape(B, H_kv, R * T, D)                 # (B, H_kv, R·T, D): heads h = kv·R + r
-            scores = (qg @ k.transpose(-2, -1)) / math.sqrt(D)    # (B, H_kv, R·T, S)
-            scores = scores.view(B, H_kv, R, T, S) + mask.to(scores.dtype)   # (T, S) mask: -inf above the diagonal
-            # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the
-            # fp32 softmax rounded to bf16, bit for bit, and its backward agrees to bf16 rounding.
-            # Casting the (B, H, T, S) scores to fp32 first would double the step's largest tensor.
-            probs = F.softmax(scores, dim=-1)
-            y = (probs.view(B, H_kv, R * T, S) @ v).view(B, H, T, D)   # (B, H, T, D)
+            y = explicit_attention(q_rot, k, v, mask)            # (B, H, T, D)
         y = y.transpose(1, 2)                                    # (B, T, H, D)
         if self.head_adapter is not None:
             y = self.head_adapter(q, y)                          # (B, T, H, D)

@@ -10,6 +10,8 @@ A LIFT training step on a frozen base needs the forward pass and the gradients o
 activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus
 attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
 FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
+The "fused attention kernel" rows and the "attention of one layer" rows time the attention paths
+model.py chooses between on a CPU (model.CPU_EXPLICIT_KEYS).
 The "default loop step" rows time what a LIFT run actually does per window, by part: the window,
 the anchor's KL on an unrelated example (our extension, on by default), the optimizer. The
 "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
@@ -149,13 +151,7 @@ def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
     k, v = (torch.randn(1, c.n_kv_heads, T, c.head_dim, dtype=dt, requires_grad=True) for _ in range(2))
     grad = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt)
     mask = model_module.causal_mask(T, T, 0, "cpu", torch.float32)
-
-    def explicit():                                  # model.py's explicit branch, on these q, k, v
-        R = c.n_rep
-        s = (q.reshape(1, c.n_kv_heads, R * T, c.head_dim) @ k.transpose(-2, -1)) / c.head_dim ** 0.5
-        p = F.softmax(s.view(1, c.n_kv_heads, R, T, T) + mask.to(s.dtype), dim=-1)
-        return (p.view(1, c.n_kv_heads, R * T, T) @ v).view(1, c.n_heads, T, c.head_dim)
-    paths = {"explicit": explicit,
+    paths = {"explicit": lambda: model_module.explicit_attention(q, k, v, mask),
              "fused, copies": lambda: F.scaled_dot_product_attention(
                  q, k.repeat_interleave(c.n_rep, 1), v.repeat_interleave(c.n_rep, 1), is_causal=True),
              "fused, enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
