@@ -126,7 +126,8 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
     return loss, x.shape[0]
 
 
-def anchor_loss(model, ex: Example, cfg: TrainConfig, base_states: Optional[dict] = None) -> torch.Tensor:
+def anchor_loss(model, ex: Example, cfg: TrainConfig,
+                base_states: Optional[dict] = None) -> torch.Tensor:
     """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
     moves the next-token distribution where it should change nothing (our extension). With
     cfg.gate_penalty, plus that weight times the mean gate g over the example's tokens, every
