@@ -170,3 +170,11 @@ def test_special_token_text_inside_user_content_stays_plain_text(tiny_dir):
     ids = tok.encode_chat([{"role": "user", "content": content}])
     assert ids.count(2) == 1 and ids.count(1) == 2                       # only the template's own
     assert content in tok.decode(ids, skip_special=False)
+
+
+def test_softmax_of_bf16_scores_is_the_fp32_softmax_rounded_once():
+    """explicit_attention skips the cast of its scores to fp32 because of this: the kernel computes
+    in fp32 inside, so the bf16 result is the fp32 softmax rounded to bf16, bit for bit."""
+    torch.manual_seed(0)
+    scores = (4 * torch.randn(64, 300)).to(torch.bfloat16)
+    assert torch.equal(torch.softmax(scores, -1), torch.softmax(scores.float(), -1).to(torch.bfloat16))
