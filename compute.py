@@ -110,7 +110,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, target):
         rows, want_grad = max(1, HEAD_CHUNK // weight.shape[0]), ctx.needs_input_grad[0]
-        loss, grad = torch.zeros((), device=x.device), torch.empty_like(x)        # grad: (N, C)
+        loss = torch.zeros((), device=x.device)
+        grad = torch.empty_like(x) if want_grad else None                         # (N, C)
         for i in range(0, x.shape[0], rows):
             z = F.linear(x[i:i + rows], weight).float()                            # (n, V) logits
             logp = z.sub_(z.logsumexp(-1, keepdim=True))                           # log-softmax, in place

@@ -269,10 +269,11 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)                                      # (B, T, C)
         cos, sin = rope_table(self.cfg, torch.arange(start_pos, start_pos + T, device=tokens.device))
-        # Built once, shared by all layers. A plain causal prefix needs no mask tensor in the fused
-        # kernel (its is_causal flag is faster); a cached continuation must also see the past.
+        # Built once, shared by all layers, in the stream's dtype (0 and -inf are exact in bf16), so that
+        # no layer casts it again. A plain causal prefix needs no mask tensor in the fused kernel (its
+        # is_causal flag is faster); a cached continuation must also see the past.
         plain = start_pos == 0 and fused_kernel(self.cfg, start_pos + T, tokens.device)
-        mask = None if plain else causal_mask(T, start_pos + T, start_pos, tokens.device, torch.float32)  # (T, S)
+        mask = None if plain else causal_mask(T, start_pos + T, start_pos, tokens.device, x.dtype)  # (T, S)
         for layer in self.layers:
             if grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
