@@ -29,6 +29,7 @@ from options import UserError, option
 
 IGNORE = -100
 STUDIES = ("quote", "cloze", "both", "keys")      # what --distill's self-study questions ask (distill.study_pairs)
+REPLIES = ("quote", "plain")                      # how a quoting self-study question is answered
 
 
 class DataError(UserError):
@@ -53,6 +54,8 @@ class DataConfig:
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
+    reply: str = option("quote", "how a quoting self-study question is answered: quote ('The text says: \"<the "
+                                 "sentence>\"') or plain (the sentence alone, as a user's answer reads)", choices=REPLIES)
     closed_book: bool = option(False, "each self-study question also asked without the document, as LIFT alone is "
                                       "asked (our extension; the released QA prompt always holds the document)")
 
@@ -65,6 +68,8 @@ class DataConfig:
             raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
         if self.study not in STUDIES:
             raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
+        if self.reply not in REPLIES:
+            raise DataError(f"--reply {self.reply}: choose one of {', '.join(REPLIES)}")
         if self.closed_book and not self.distill:
             raise DataError("--closed-book asks the self-study questions again: it needs --distill N")
 

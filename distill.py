@@ -34,6 +34,10 @@
      - with --phrasings K, every quoting question (quote, keys, both) in K of those wordings: a
        fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
        (storage.py measures it);
+     - with --reply plain, every quoting question answered with the sentence alone, not quoted. A
+       model answers a user's question directly ("The secret number of the amber badger is …"),
+       and a fact studied only inside a quote came back only after `The text says: "`
+       (results/NOTEBOOK.md, "A needle from parameters alone");
      - unrelated questions (N/2 of the anchor's prompts), answered with the base model's own
        greedy reply to that same prompt and trained with KL(base ‖ adapted) on it: LIFT+ICL should
        answer as ICL does wherever the absorbed document does not help.
@@ -67,6 +71,7 @@ RECIPE = "names quoted (cross-entropy) + unrelated questions in context (KL)/2" 
 REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer
 QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
+PLAIN = "{}"                       # or, with --reply plain, the sentence alone: the form of a user's answer
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
 # The wordings of a quoting question, all answered with REPLY: --study keys asks each key in the
@@ -163,7 +168,8 @@ def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     def quoted(pairs: list[tuple[str, str]], rotate: bool) -> list[tuple[str, str, str]]:
         # The i-th key's wordings: KEY_QUESTIONS[0..K-1], or with rotate KEY_QUESTIONS[i..i+K-1].
         first = lambda i: i if rotate else 0
-        return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), REPLY.format(statement),
+        reply = REPLY if cfg.reply == "quote" else PLAIN
+        return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), reply.format(statement),
                  statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
     if cfg.study == "keys":                                  # up to N keys, the wordings in turn
         return quoted(spread(keys(text), cfg.distill), rotate=True)

@@ -7,7 +7,7 @@ from conftest import TEXT
 import gated_memory as gm
 import lora
 from checkpoint import load_model
-from data import IGNORE, DataConfig, anchor_questions, build_epochs, end_of_turn, question_messages, truncate_middle
+from data import IGNORE, REPLIES, DataConfig, anchor_questions, build_epochs, end_of_turn, question_messages, truncate_middle
 from distill import QUESTION, REPLY, distill_examples, names, statements, teacher_example
 from lift import TrainConfig, batch_loss
 
@@ -219,3 +219,24 @@ def test_closed_book_asks_every_study_question_again_without_the_document_and_ba
     assert "closed_book" not in learning_settings(DataConfig()) and learning_settings(cfg)["closed_book"] is True
     with pytest.raises(ValueError, match="--closed-book"):
         DataConfig(closed_book=True)                                     # nothing to ask again without --distill
+
+
+def test_a_plain_reply_is_the_sentence_alone_and_changes_only_the_replies_and_the_cache_key(tiny_dir):
+    """--reply plain answers a quoting question with the document's sentence as a user's answer
+    reads ("The secret number … is 2390."), not quoted ('The text says: "…"'); questions, the
+    expected words and the cloze answers stay; the key changes only when not at its default."""
+    from cache import learning_settings, settings_key
+    from distill import study_pairs
+    text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."
+    for study in ("quote", "keys", "both"):
+        quoted, plain = (study_pairs(text, DataConfig(distill=10, study=study, phrasings=2, reply=r)) for r in REPLIES)
+        assert [(q, e) for q, _, e in quoted] == [(q, e) for q, _, e in plain]
+        for (q, r_quoted, expected), (_, r_plain, _) in zip(quoted, plain):
+            if r_quoted != expected:                                   # a quoting question, not a blank
+                assert r_quoted == REPLY.format(r_plain) and r_plain.startswith(expected) and r_plain.endswith(".")
+    assert "reply" not in learning_settings(DataConfig()) and learning_settings(DataConfig(reply="plain"))["reply"] == "plain"
+    model, tok = load_model(str(tiny_dir))
+    key = lambda r: settings_key(model, tok, DataConfig(distill=8, reply=r), gm.GatedMemoryConfig(), TrainConfig(), [], 0, None)
+    assert key("quote") != key("plain")
+    with pytest.raises(ValueError, match="--reply"):
+        DataConfig(reply="verbatim")
