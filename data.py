@@ -54,6 +54,9 @@ class DataConfig:
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
+    unrelated: int = option(0, "unrelated questions asked with the document in context, answered as the base "
+                               "model answers them (KL; our extension, with --distill): 0 means N/2 (at least 1); "
+                               "the anchor has 48 such prompts")
     reply: str = option("quote", "how a quoting self-study question is answered: quote ('The text says: \"<the "
                                  "sentence>\"') or plain (the sentence alone, as a user's answer reads)", choices=REPLIES)
     closed_book: bool = option(False, "each self-study question also asked without the document, as LIFT alone is "
@@ -64,8 +67,8 @@ class DataConfig:
             raise DataError(f"--phrasings {self.phrasings}: from 1 to 6 (the phrasings distill.KEY_QUESTIONS has)")
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
-        if self.context < 0 or self.stride < 0 or self.qa_start_epoch < 0 or self.distill < 0:
-            raise DataError("--context, --stride, --qa-start-epoch and --distill cannot be negative")
+        if min(self.context, self.stride, self.qa_start_epoch, self.distill, self.unrelated) < 0:
+            raise DataError("--context, --stride, --qa-start-epoch, --distill and --unrelated cannot be negative")
         if self.study not in STUDIES:
             raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
         if self.reply not in REPLIES:

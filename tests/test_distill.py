@@ -240,3 +240,20 @@ def test_a_plain_reply_is_the_sentence_alone_and_changes_only_the_replies_and_th
     assert key("quote") != key("plain")
     with pytest.raises(ValueError, match="--reply"):
         DataConfig(reply="verbatim")
+
+
+def test_unrelated_sets_how_many_general_questions_anchor_the_answer_time_prompt(tiny_dir):
+    """--unrelated K: K of the anchor's prompts asked with the document in context (KL to the base's
+    reply), instead of N/2; the key changes only when it is set, and a negative K is refused."""
+    from cache import learning_settings
+    model, tok = load_model(str(tiny_dir))
+    doc = tok.encode("the valley was quiet. " * 6 + "The bell was cast by Ysolde Parrin. " + "the river was slow. " * 6)
+    made = lambda **kw: [ex for ex in distill_examples(model, tok, doc, DataConfig(window=64, context=32, distill=2, **kw),
+                                                       "float32") if ex.kind == "distill"]
+    assert len(made()) == 1                                              # N/2 of --distill 2
+    three = made(unrelated=3)
+    assert [q in tok.decode(ex.input_ids) for ex, q in zip(three, anchor_questions())] == [True] * 3
+    assert all(ex.teacher is not None for ex in three)                  # KL to the base's own reply
+    assert "unrelated" not in learning_settings(DataConfig()) and learning_settings(DataConfig(unrelated=3))["unrelated"] == 3
+    with pytest.raises(ValueError, match="--unrelated"):
+        DataConfig(unrelated=-1)
