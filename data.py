@@ -73,6 +73,8 @@ class DataConfig:
             raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
         if self.reply not in REPLIES:
             raise DataError(f"--reply {self.reply}: choose one of {', '.join(REPLIES)}")
+        if self.unrelated and not self.distill:
+            raise DataError("--unrelated sets the general questions beside --distill's study set: it needs --distill N")
         if self.closed_book and not self.distill:
             raise DataError("--closed-book asks the self-study questions again: it needs --distill N")
 

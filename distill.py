@@ -37,7 +37,7 @@
      - with --reply plain, every quoting question answered with the sentence alone, not quoted. A
        model answers a user's question directly ("The secret number of the amber badger is …"),
        and a fact studied only inside a quote came back only after `The text says: "`
-       (results/NOTEBOOK.md, "A needle from parameters alone");
+       (results/NOTEBOOK.md, "Needles from parameters alone with Gated Memory");
      - unrelated questions (N/2 of the anchor's prompts, or K of them with --unrelated K),
        answered with the base model's own greedy reply to that same prompt and trained with
        KL(base ‖ adapted) on it: LIFT+ICL should answer as ICL does wherever the absorbed document
@@ -75,9 +75,9 @@ REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own s
 PLAIN = "{}"                       # or, with --reply plain, the sentence alone: the form of a user's answer
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
-# The wordings of a quoting question, all answered with REPLY: --study keys asks each key in the
-# next one in turn, --phrasings K asks every question in K of them (results/NOTEBOOK.md: "One
-# wording stores a prompt, several store a fact").
+# The wordings of a quoting question, all answered with REPLY (or PLAIN): --study keys asks each
+# key in the next one in turn, --phrasings K asks every question in K of them (results/NOTEBOOK.md:
+# "One wording stores a prompt, several store a fact").
 KEY_QUESTIONS = (QUESTION, "What do we learn about {} from the text?",
                  "Tell me what the text says about {}.", "Who or what is connected with {} in the text?",
                  "What happened with {}, according to the text?", "Which names and numbers go with {} in the text?")

@@ -254,6 +254,8 @@ def test_unrelated_sets_how_many_general_questions_anchor_the_answer_time_prompt
     three = made(unrelated=3)
     assert [q in tok.decode(ex.input_ids) for ex, q in zip(three, anchor_questions())] == [True] * 3
     assert all(ex.teacher is not None for ex in three)                  # KL to the base's own reply
-    assert "unrelated" not in learning_settings(DataConfig()) and learning_settings(DataConfig(unrelated=3))["unrelated"] == 3
+    assert "unrelated" not in learning_settings(DataConfig()) and learning_settings(DataConfig(distill=2, unrelated=3))["unrelated"] == 3
     with pytest.raises(ValueError, match="--unrelated"):
-        DataConfig(unrelated=-1)
+        DataConfig(distill=2, unrelated=-1)
+    with pytest.raises(ValueError, match="--unrelated"):
+        DataConfig(unrelated=3)                                          # nothing to sit beside without --distill
