@@ -54,9 +54,9 @@ class DataConfig:
                                  "numbers and rare words, in several phrasings)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
-    unrelated: int = option(0, "unrelated questions asked with the document in context, answered as the base "
-                               "model answers them (KL; our extension, with --distill): 0 means N/2 (at least 1); "
-                               "the anchor has 48 such prompts")
+    study_unrelated: int = option(0, "unrelated questions asked with the document in context, answered as the "
+                                     "base model answers them (KL; our extension, with --distill): 0 means N/2 "
+                                     "(at least 1); the anchor has 48 such prompts")
     reply: str = option("quote", "how a quoting self-study question is answered: quote ('The text says: \"<the "
                                  "sentence>\"') or plain (the sentence alone, as a user's answer reads)", choices=REPLIES)
     closed_book: bool = option(False, "each self-study question also asked without the document, as LIFT alone is "
@@ -67,14 +67,15 @@ class DataConfig:
             raise DataError(f"--phrasings {self.phrasings}: from 1 to 6 (the phrasings distill.KEY_QUESTIONS has)")
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
-        if min(self.context, self.stride, self.qa_start_epoch, self.distill, self.unrelated) < 0:
-            raise DataError("--context, --stride, --qa-start-epoch, --distill and --unrelated cannot be negative")
+        if min(self.context, self.stride, self.qa_start_epoch, self.distill, self.study_unrelated) < 0:
+            raise DataError("--context, --stride, --qa-start-epoch, --distill and --study-unrelated cannot be negative")
         if self.study not in STUDIES:
             raise DataError(f"--study {self.study}: choose one of {', '.join(STUDIES)}")
         if self.reply not in REPLIES:
             raise DataError(f"--reply {self.reply}: choose one of {', '.join(REPLIES)}")
-        if self.unrelated and not self.distill:
-            raise DataError("--unrelated sets the general questions beside --distill's study set: it needs --distill N")
+        if self.study_unrelated and not self.distill:
+            raise DataError("--study-unrelated sets the general questions beside --distill's study set: "
+                            "it needs --distill N")
         if self.closed_book and not self.distill:
             raise DataError("--closed-book asks the self-study questions again: it needs --distill N")
 

@@ -38,7 +38,7 @@
        model answers a user's question directly ("The secret number of the amber badger is …"),
        and a fact studied only inside a quote came back only after `The text says: "`
        (results/NOTEBOOK.md, "Needles from parameters alone with Gated Memory");
-     - unrelated questions (N/2 of the anchor's prompts, or K of them with --unrelated K),
+     - unrelated questions (N/2 of the anchor's prompts, or K of them with --study-unrelated K),
        answered with the base model's own greedy reply to that same prompt and trained with
        KL(base ‖ adapted) on it: LIFT+ICL should answer as ICL does wherever the absorbed document
        does not help.
@@ -208,7 +208,7 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
     named = [qa_example(tok, question, reply, context) for question, reply, _ in pairs]
     if cfg.closed_book:          # the same questions in the prompt LIFT alone is asked in: no document
         named += [replace(qa_example(tok, question, reply, None), kind="closed") for question, reply, _ in pairs]
-    unrelated = anchor_questions()[:cfg.unrelated or max(1, cfg.distill // 2)]
+    unrelated = anchor_questions()[:cfg.study_unrelated or max(1, cfg.distill // 2)]
     return named + [teacher_example(model, tok, q, context, dtype)
                     for q in tqdm(unrelated, desc="anchor answers in context", disable=not progress, leave=False)]
 

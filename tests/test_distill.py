@@ -242,8 +242,8 @@ def test_a_plain_reply_is_the_sentence_alone_and_changes_only_the_replies_and_th
         DataConfig(reply="verbatim")
 
 
-def test_unrelated_sets_how_many_general_questions_anchor_the_answer_time_prompt(tiny_dir):
-    """--unrelated K: K of the anchor's prompts asked with the document in context (KL to the base's
+def test_study_unrelated_sets_how_many_general_questions_anchor_the_answer_time_prompt(tiny_dir):
+    """--study-unrelated K: K of the anchor's prompts asked with the document in context (KL to the base's
     reply), instead of N/2; the key changes only when it is set, and a negative K is refused."""
     from cache import learning_settings
     model, tok = load_model(str(tiny_dir))
@@ -251,11 +251,12 @@ def test_unrelated_sets_how_many_general_questions_anchor_the_answer_time_prompt
     made = lambda **kw: [ex for ex in distill_examples(model, tok, doc, DataConfig(window=64, context=32, distill=2, **kw),
                                                        "float32") if ex.kind == "distill"]
     assert len(made()) == 1                                              # N/2 of --distill 2
-    three = made(unrelated=3)
+    three = made(study_unrelated=3)
     assert [q in tok.decode(ex.input_ids) for ex, q in zip(three, anchor_questions())] == [True] * 3
     assert all(ex.teacher is not None for ex in three)                  # KL to the base's own reply
-    assert "unrelated" not in learning_settings(DataConfig()) and learning_settings(DataConfig(distill=2, unrelated=3))["unrelated"] == 3
-    with pytest.raises(ValueError, match="--unrelated"):
-        DataConfig(distill=2, unrelated=-1)
-    with pytest.raises(ValueError, match="--unrelated"):
-        DataConfig(unrelated=3)                                          # nothing to sit beside without --distill
+    assert "study_unrelated" not in learning_settings(DataConfig())
+    assert learning_settings(DataConfig(distill=2, study_unrelated=3))["study_unrelated"] == 3
+    with pytest.raises(ValueError, match="--study-unrelated"):
+        DataConfig(distill=2, study_unrelated=-1)
+    with pytest.raises(ValueError, match="--study-unrelated"):
+        DataConfig(study_unrelated=3)                                          # nothing to sit beside without --distill
