@@ -196,10 +196,11 @@ def teacher_example(model, tok, question: str, context: str, dtype: str) -> Exam
 
 
 def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, progress: bool = False) -> list[Example]:
-    """LIFT on `doc` gets cfg.distill questions about its names, each answered by quoting the
-    document's sentence (cross-entropy, in the LIFT+ICL prompt), and half as many unrelated
-    questions asked with the truncated document in context, whose target is the base model's
-    distribution on that same prompt (KL): the answer-time format's own anchor, so that LIFT+ICL
+    """LIFT on `doc` gets cfg.distill questions about its names, each answered with the
+    document's sentence (quoted, or plain with cfg.reply; cross-entropy, in the LIFT+ICL prompt),
+    and half as many unrelated questions (or cfg.study_unrelated) asked with the truncated
+    document in context, whose target is the base model's distribution on that same prompt (KL):
+    the answer-time format's own anchor, so that LIFT+ICL
     answers as ICL does wherever the absorbed document does not help. With cfg.closed_book, every
     self-study question is also trained without the document, the prompt of LIFT alone.
     Call with no adapter attached: the teacher is the model as it is."""
