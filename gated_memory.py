@@ -136,11 +136,11 @@ class GatedMemory(nn.Module):
             if self.record_gates:
                 self.last_share = torch.zeros_like(self.last_gates)
             return attn
-        kept, added = (1 - g) * attn.float(), g * self.memory(q).float()
+        m = self.memory(q).to(attn.dtype)
         if self.record_gates:        # the memory's share of the head's output: |g·m| / (|(1−g)·attn| + |g·m|)
-            a, b = kept[0].norm(dim=-1), added[0].norm(dim=-1)               # (T, H)
+            a, b = ((1 - g) * attn.float())[0].norm(dim=-1), (g * m.float())[0].norm(dim=-1)   # (T, H)
             self.last_share = (b / (a + b + 1e-12)).detach().cpu()
-        return (kept + added).to(attn.dtype)
+        return attn + g.to(attn.dtype) * (m - attn)          # (1 − g)·attn + g·m in three elementwise steps
 
 
 # ----------------------------------------------------------------------------- attaching and freezing

@@ -44,6 +44,22 @@ def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
     assert torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-5)
 
 
+def test_in_bf16_the_blend_stays_in_bf16_and_within_its_rounding_of_the_fp32_output():
+    """Under bf16 autocast the blend runs in the attention's dtype (no fp32 copies of the heads);
+    it must still be the fp32 formula up to bf16's rounding."""
+    torch.manual_seed(0)
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(std=0.3)
+    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    exact = mem(q, attn)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = mem(q.bfloat16(), attn.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - exact).abs().max() < 0.03 * exact.abs().max()
+
+
 def test_gate_floor_shuts_exactly_the_heads_below_it_and_keeps_the_others():
     """sameness.py's probe: g < floor -> that head's output is its attention, bit for bit."""
     torch.manual_seed(0)
