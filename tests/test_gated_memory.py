@@ -20,6 +20,17 @@ def with_adapter(seed=0, **kw):
     return model
 
 
+def spread_memory():
+    """One layer's Gated Memory (4 heads of 16) with large random weights, so that its gates spread
+    over (0, 1) and m is far from 0; and queries and attention outputs for it."""
+    torch.manual_seed(0)
+    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(std=0.3)
+    return mem, torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+
+
 def test_gate_forced_to_zero_gives_the_base_model_exactly():
     base = tiny_model()
     model = with_adapter()
@@ -31,12 +42,7 @@ def test_gate_forced_to_zero_gives_the_base_model_exactly():
 
 def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
     """o = (1 − g(q))·attn + g(q)·m(q), per head, with g from the gate MLP (not a forced value)."""
-    torch.manual_seed(0)
-    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
-    with torch.no_grad():
-        for p in mem.parameters():
-            p.normal_(std=0.3)                                  # gates spread over (0, 1), m far from 0
-    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    mem, q, attn = spread_memory()
     g = torch.sigmoid(3 * (torch.einsum("bthr,hr->bth", F.silu(torch.einsum("bthd,hdr->bthr", q, mem.gate_in)),
                                          mem.gate_out) - 0.5)).unsqueeze(-1)
     m = torch.einsum("bthw,hwd->bthd", F.silu(torch.einsum("bthd,hdw->bthw", q, mem.mem_in)), mem.mem_out)
@@ -47,12 +53,7 @@ def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
 def test_in_bf16_the_blend_stays_in_bf16_and_within_its_rounding_of_the_fp32_output():
     """Under bf16 autocast the blend runs in the attention's dtype (no fp32 copies of the heads);
     it must still be the fp32 formula up to bf16's rounding."""
-    torch.manual_seed(0)
-    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
-    with torch.no_grad():
-        for p in mem.parameters():
-            p.normal_(std=0.3)
-    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    mem, q, attn = spread_memory()
     exact = mem(q, attn)
     with torch.autocast("cpu", torch.bfloat16):
         low = mem(q.bfloat16(), attn.bfloat16())
@@ -62,12 +63,7 @@ def test_in_bf16_the_blend_stays_in_bf16_and_within_its_rounding_of_the_fp32_out
 
 def test_gate_floor_shuts_exactly_the_heads_below_it_and_keeps_the_others():
     """sameness.py's probe: g < floor -> that head's output is its attention, bit for bit."""
-    torch.manual_seed(0)
-    mem = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_shift=0.5))
-    with torch.no_grad():
-        for p in mem.parameters():
-            p.normal_(std=0.3)
-    q, attn = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    mem, q, attn = spread_memory()
     g, free = mem.gate(q), mem(q, attn)
     mem.gate_floor = g.median().item()
     shut = (g < mem.gate_floor).expand_as(attn)
