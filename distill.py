@@ -200,10 +200,10 @@ def distill_examples(model, tok, doc: list[int], cfg: DataConfig, dtype: str, pr
     document's sentence (quoted, or plain with cfg.reply; cross-entropy, in the LIFT+ICL prompt),
     and half as many unrelated questions (or cfg.study_unrelated) asked with the truncated
     document in context, whose target is the base model's distribution on that same prompt (KL):
-    the answer-time format's own anchor, so that LIFT+ICL
-    answers as ICL does wherever the absorbed document does not help. With cfg.closed_book, every
-    self-study question is also trained without the document, the prompt of LIFT alone.
-    Call with no adapter attached: the teacher is the model as it is."""
+    the answer-time format's own anchor, so that LIFT+ICL answers as ICL does wherever the
+    absorbed document does not help. With cfg.closed_book, every self-study question is also
+    trained without the document, the prompt of LIFT alone. Call with no adapter attached: the
+    teacher is the model as it is."""
     context = truncate_middle(doc, cfg.context, tok)
     pairs = study_pairs(tok.decode(doc), cfg)
     named = [qa_example(tok, question, reply, context) for question, reply, _ in pairs]
