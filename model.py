@@ -50,7 +50,7 @@ class ModelConfig:
     tie_embeddings: bool = True         # output head shares the token embedding matrix
     max_seq_len: int = 8192             # max_position_embeddings: the context the model was trained for
     fused_attention: bool = True        # True: F.scaled_dot_product_attention where it is the faster path
-                                        # (see CPU_EXPLICIT_KEYS); False: always the explicit reference math
+                                        # (see CPU_FUSED); False: always the explicit reference math
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -139,33 +139,43 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU the fused kernel's backward pass is slow: with it a training step took 1.13x as long as
-# with the explicit math below at 256 tokens, and about as long at 1,024; a 512-token forward pass
-# was as fast either way (results/NOTEBOOK.md, "Speed on an AVX-512 bf16 machine again"). So up to
-# 512 keys a CPU takes the explicit path, training or not (a base and an adapted pass over the same
-# tokens then compute alike), and the fused kernel beyond. CUDA always takes the kernel.
-CPU_EXPLICIT_KEYS = 512
+# On a CPU the explicit math below beat the fused kernel at every length measured, forward (512,
+# 2,048 tokens) and forward + backward (256, 1,024): results/NOTEBOOK.md, "Attention by blocks of
+# queries". So a CPU takes it and CUDA the kernel; the bench sets CPU_FUSED to time the kernel.
+CPU_FUSED = False
 
 
-def fused_kernel(cfg: ModelConfig, keys: int, device: torch.device) -> bool:
-    """Whether attention over `keys` keys takes the fused kernel (True) or the explicit math."""
-    return cfg.fused_attention and not (device.type == "cpu" and keys <= CPU_EXPLICIT_KEYS)
+def fused_kernel(cfg: ModelConfig, device: torch.device) -> bool:
+    return cfg.fused_attention and (device.type != "cpu" or CPU_FUSED)   # else the explicit math
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The reference path: what the fused kernel computes, written out. q: (B, H, T, D); k, v:
-    (B, H_kv, S, D); mask: additive (T, S). -> (B, H, T, D). The R = H / H_kv query heads of one
-    key/value head are stacked along the time axis, so that one matrix product per key/value head
-    serves all of them, with no copy of the keys and values."""
+QUERY_BLOCK = 128    # faster than 256 or 512 at every length measured (a block's scores stay in cache)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """What the fused kernel computes, written out. q: (B, H, T, D) at positions start_pos..;
+    k, v: (B, H_kv, S, D) at positions 0..S-1. -> (B, H, T, D). The R = H / H_kv query heads of a
+    key/value head are stacked along time, so that one product per key/value head serves them all,
+    with no copy of the keys and values. The queries go QUERY_BLOCK at a time, each block against
+    only the keys it may see: no work on the masked triangle beyond the block (almost half of a
+    long prompt's scores), and only (R·QUERY_BLOCK, S) scores in memory at once."""
     (B, H, T, D), (H_kv, S) = q.shape, k.shape[1:3]
     R = H // H_kv
-    scores = (q.reshape(B, H_kv, R * T, D) @ k.transpose(-2, -1)) / math.sqrt(D)   # (B, H_kv, R·T, S)
-    scores = scores.view(B, H_kv, R, T, S) + mask.to(scores.dtype)  # -inf above the diagonal
-    # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the fp32
-    # softmax rounded to bf16, bit for bit, and its backward agrees to bf16 rounding. Casting the
-    # (B, H, T, S) scores to fp32 first would double the step's largest tensor.
-    probs = F.softmax(scores, dim=-1)
-    return (probs.view(B, H_kv, R * T, S) @ v).view(B, H, T, D)     # (B, H, T, D)
+    q = q.reshape(B * H_kv, R, T, D)
+    k, v = k.reshape(B * H_kv, S, D), v.reshape(B * H_kv, S, D)
+    out = []
+    for s in range(0, T, QUERY_BLOCK):
+        e = min(s + QUERY_BLOCK, T)
+        seen = start_pos + e                                       # the block's last query sees keys 0..seen-1
+        qb = q[:, :, s:e].reshape(B * H_kv, R * (e - s), D)        # (B·H_kv, R·b, D)
+        mask = causal_mask(e - s, seen, start_pos + s, q.device, q.dtype).repeat(R, 1)   # (R·b, seen)
+        # mask + QKᵀ/√D in one pass: the block's largest tensor is written once.
+        scores = torch.baddbmm(mask, qb, k[:, :seen].transpose(1, 2), alpha=1 / math.sqrt(D))
+        # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the fp32
+        # softmax rounded to bf16, and its backward agrees to bf16 rounding. No fp32 copy needed.
+        probs = F.softmax(scores, dim=-1)                          # (B·H_kv, R·b, seen)
+        out.append((probs @ v[:, :seen]).view(B * H_kv, R, e - s, D))
+    return (out[0] if len(out) == 1 else torch.cat(out, dim=2)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -183,8 +193,8 @@ class Attention(nn.Module):
         self.head_adapter: Optional[nn.Module] = None
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, start_pos: int = 0):
-        """x: (B, T, C); cos, sin: (T, D); mask: additive (T, S), or None for plain causal in the
-        fused kernel (the explicit path always gets one). -> (B, T, C)"""
+        """x: (B, T, C); cos, sin: (T, D); mask: additive (T, S) for the fused kernel after a cache,
+        else None (the explicit path builds its own, block by block). -> (B, T, C)"""
         B, T, _ = x.shape
         H, H_kv, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.wq(x).view(B, T, H, D)                          # (B, T, H, D), before rotary embedding
@@ -195,15 +205,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, S, D)
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
-        if fused_kernel(self.cfg, k.shape[2], x.device):
-            # Copies: the CPU kernel's own sharing (enable_gqa=True) was as fast at 256 tokens and
-            # slower at 1,024, forward + backward (eval.py bench; notebook: see CPU_EXPLICIT_KEYS).
+        if fused_kernel(self.cfg, x.device):
+            # Copies: on a CPU the kernel's own sharing (enable_gqa=True) was as fast at 256 tokens
+            # and slower at 1,024, forward + backward (eval.py bench).
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             v = v.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
             attn_mask = None if mask is None else mask.to(q_rot.dtype)     # the kernel wants q's dtype
             y = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=attn_mask, is_causal=mask is None)  # (B, H, T, D)
         else:
-            y = explicit_attention(q_rot, k, v, mask)            # (B, H, T, D)
+            y = explicit_attention(q_rot, k, v, start_pos)       # (B, H, T, D)
         y = y.transpose(1, 2)                                    # (B, T, H, D)
         if self.head_adapter is not None:
             y = self.head_adapter(q, y)                          # (B, T, H, D)
@@ -269,11 +279,10 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)                                      # (B, T, C)
         cos, sin = rope_table(self.cfg, torch.arange(start_pos, start_pos + T, device=tokens.device))
-        # Built once, shared by all layers, in the stream's dtype (0 and -inf are exact in bf16), so that
-        # no layer casts it again. A plain causal prefix needs no mask tensor in the fused kernel (its
-        # is_causal flag is faster); a cached continuation must also see the past.
-        plain = start_pos == 0 and fused_kernel(self.cfg, start_pos + T, tokens.device)
-        mask = None if plain else causal_mask(T, start_pos + T, start_pos, tokens.device, x.dtype)  # (T, S)
+        # The fused kernel's is_causal serves a plain prefix; after a cache it needs a mask, built once
+        # for all layers in the stream's dtype (0 and -inf are exact in bf16). The explicit path makes its own.
+        cached = start_pos > 0 and fused_kernel(self.cfg, tokens.device)
+        mask = causal_mask(T, start_pos + T, start_pos, tokens.device, x.dtype) if cached else None  # (T, S)
         for layer in self.layers:
             if grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)

@@ -11,7 +11,7 @@ activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4
 attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
 FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
 The "fused attention kernel" rows and the "attention of one layer" rows time the attention paths
-model.py chooses between on a CPU (model.CPU_EXPLICIT_KEYS).
+model.py chooses between: the explicit math by blocks of queries (a CPU's), the fused kernel (CUDA's).
 The "default loop step" rows time what a LIFT run actually does per window, by part: the window,
 the anchor's KL on an unrelated example (our extension, on by default), the optimizer. The
 "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
@@ -130,28 +130,27 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
 
 
 @contextmanager
-def fused_kernel_everywhere(on: bool):
-    """Inside, a CPU takes the fused attention kernel at every length (model.CPU_EXPLICIT_KEYS = 0),
-    to time what the explicit path saves."""
-    saved = model_module.CPU_EXPLICIT_KEYS
-    model_module.CPU_EXPLICIT_KEYS = 0 if on else saved
+def fused_kernel_on_cpu(on: bool):
+    """Inside, a CPU takes the fused attention kernel if `on` (model.CPU_FUSED), to time what the
+    explicit path saves."""
+    saved = model_module.CPU_FUSED
+    model_module.CPU_FUSED = on
     try:
         yield
     finally:
-        model_module.CPU_EXPLICIT_KEYS = saved
+        model_module.CPU_FUSED = saved
 
 
 def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
     """Milliseconds of one layer's attention, forward and backward, over T tokens, by path (median
-    of `reps` after a warm-up): the explicit math (model.py's, as a CPU takes it up to
-    model.CPU_EXPLICIT_KEYS), the fused kernel with copied keys and values (model.py's beyond that),
-    and the fused kernel sharing them itself (enable_gqa=True)."""
+    of `reps` after a warm-up): the explicit math by blocks of queries (model.py's on a CPU), the
+    fused kernel with copied keys and values (model.py's on CUDA), and the fused kernel sharing
+    them itself (enable_gqa=True)."""
     c, dt = model.cfg, getattr(torch, dtype)
     q = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt, requires_grad=True)
     k, v = (torch.randn(1, c.n_kv_heads, T, c.head_dim, dtype=dt, requires_grad=True) for _ in range(2))
     grad = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt)
-    mask = model_module.causal_mask(T, T, 0, "cpu", torch.float32)
-    paths = {"explicit": lambda: model_module.explicit_attention(q, k, v, mask),
+    paths = {"explicit": lambda: model_module.explicit_attention(q, k, v),
              "fused, copies": lambda: F.scaled_dot_product_attention(
                  q, k.repeat_interleave(c.n_rep, 1), v.repeat_interleave(c.n_rep, 1), is_causal=True),
              "fused, enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
@@ -271,8 +270,8 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
     print(f"| what | tokens/s | fraction of the {dtype} matmul rate | extra peak MB |\n|---|---:|---:|---:|")
     for T in lengths:
         ids = torch.randint(100, model.cfg.vocab_size, (1, T))
-        for fused in (False, True) if T <= model_module.CPU_EXPLICIT_KEYS else (False,):
-            with torch.no_grad(), autocast(dev, dtype), fused_kernel_everywhere(fused):
+        for fused in (False, True):
+            with torch.no_grad(), autocast(dev, dtype), fused_kernel_on_cpu(fused):
                 model(ids[:, :64])                                           # warm-up
                 s = float("inf")
                 for _ in range(2):
@@ -288,9 +287,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                     (1, False, True, False), (4, False, True, False), (1, False, False, True))
         first_only = {(4, False, False, False), (4, False, True, False)}   # batches: the first length only
         for batch, ckpt, comp, fused in (v for v in variants if T == train_lengths[0] or v not in first_only):
-            if fused and T > model_module.CPU_EXPLICIT_KEYS:
-                continue                                                     # the fused kernel already
-            with fused_kernel_everywhere(fused):
+            with fused_kernel_on_cpu(fused):
                 rate, mb, first = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp)
             flops = 2 * T * per_token + 3 * attention_flops(model, T)       # the 4N rule + attention
             limit = peak / (flops / T)

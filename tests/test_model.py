@@ -24,25 +24,30 @@ def test_hf_directory_loads_strictly_and_gives_same_logits(tmp_path, tied, shard
     assert tok.stop_ids == (2,)
 
 
-def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cache(monkeypatch):
+@pytest.mark.parametrize("block", [128, 5, 2])
+def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cache(monkeypatch, block):
     """Training uses either path: their logits and gradients agree, for a plain causal prefix
     (the fused kernel's is_causal) and for a continuation after a KV cache (an explicit mask);
-    grouped-query heads (4 query heads on 2 key/value heads) included."""
+    grouped-query heads (4 query heads on 2 key/value heads) included. The explicit path agrees
+    whether its queries go in one block or in several (5: a last block shorter than the others;
+    2: a continuation of 5 tokens in three blocks, each seeing the cache and its own past)."""
     import model as model_module
     from model import KVCache
-    monkeypatch.setattr(model_module, "CPU_EXPLICIT_KEYS", 0)       # the fused kernel even for short inputs on a CPU
+    monkeypatch.setattr(model_module, "CPU_FUSED", True)            # the fused kernel, on a CPU too
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", block)
     model = tiny_model()
     assert model.cfg.n_heads > model.cfg.n_kv_heads
     wq = model.layers[0].attention.wq.weight.requires_grad_(True)   # a gradient that crosses both layers' attention
+    ids = torch.cat([IDS, IDS.flip(1)])                              # a batch of two sequences
     out = {}
     for fused in (False, True):
         model.cfg.fused_attention = fused
-        logits = model(IDS)
+        logits = model(ids)
         logits.pow(2).mean().backward()
-        cache = KVCache(model.cfg, 1, IDS.shape[1], "cpu", torch.float32)
+        cache = KVCache(model.cfg, 2, ids.shape[1], "cpu", torch.float32)
         with torch.no_grad():
-            model(IDS[:, :7], cache=cache)
-            continued = model(IDS[:, 7:], cache=cache, start_pos=7)          # (1, 5, V)
+            model(ids[:, :7], cache=cache)
+            continued = model(ids[:, 7:], cache=cache, start_pos=7)          # (2, 5, V)
         out[fused] = (logits.detach(), wq.grad.clone(), continued)
         wq.grad = None
     for explicit, fused in zip(out[False], out[True]):
@@ -50,21 +55,20 @@ def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cac
     assert (out[True][2] - out[True][0][:, 7:]).abs().max().item() <= 1e-5   # the cache changes nothing
 
 
-def test_a_cpu_takes_the_explicit_path_for_short_inputs_and_the_fused_kernel_beyond():
-    from model import CPU_EXPLICIT_KEYS, fused_kernel
+def test_a_cpu_takes_the_explicit_path_and_cuda_the_fused_kernel():
+    from model import fused_kernel
     cfg = tiny_model().cfg
     cfg.fused_attention = True
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not fused_kernel(cfg, CPU_EXPLICIT_KEYS, cpu) and fused_kernel(cfg, CPU_EXPLICIT_KEYS + 1, cpu)
-    assert fused_kernel(cfg, 16, cuda)
+    assert not fused_kernel(cfg, cpu) and fused_kernel(cfg, cuda)
     cfg.fused_attention = False                                        # the flag can always ask for the explicit math
-    assert not fused_kernel(cfg, 10 * CPU_EXPLICIT_KEYS, cpu) and not fused_kernel(cfg, 16, cuda)
+    assert not fused_kernel(cfg, cpu) and not fused_kernel(cfg, cuda)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_greedy_generation_with_cache_equals_without(fused, monkeypatch):
     import model as model_module
-    monkeypatch.setattr(model_module, "CPU_EXPLICIT_KEYS", 0)
+    monkeypatch.setattr(model_module, "CPU_FUSED", True)
     model = tiny_model(fused_attention=fused)
     prompt = IDS[0].tolist()
     cached = generate(model, prompt, 20)
