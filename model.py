@@ -168,12 +168,11 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_
         e = min(s + QUERY_BLOCK, T)
         seen = start_pos + e                                       # the block's last query sees keys 0..seen-1
         qb = q[:, :, s:e].reshape(B * H_kv, R * (e - s), D)        # (B·H_kv, R·b, D)
-        mask = causal_mask(e - s, seen, start_pos + s, q.device, q.dtype).repeat(R, 1)   # (R·b, seen)
-        # mask + QKᵀ/√D in one pass: the block's largest tensor is written once.
-        scores = torch.baddbmm(mask, qb, k[:, :seen].transpose(1, 2), alpha=1 / math.sqrt(D))
-        # The softmax kernel computes in fp32 whatever its input: on bf16 scores it returns the fp32
-        # softmax rounded to bf16, and its backward agrees to bf16 rounding. No fp32 copy needed.
-        probs = F.softmax(scores, dim=-1)                          # (B·H_kv, R·b, seen)
+        mask = q.new_zeros(R, e - s, seen)                         # the keys before the block: all seen
+        mask[:, :, seen - (e - s):] = causal_mask(e - s, e - s, 0, q.device, q.dtype)   # its own: a triangle
+        # mask + QKᵀ/√D in one pass: the block's largest tensor is written once. (B·H_kv, R·b, seen)
+        scores = torch.baddbmm(mask.view(R * (e - s), seen), qb, k[:, :seen].transpose(1, 2), alpha=1 / math.sqrt(D))
+        probs = F.softmax(scores, dim=-1)        # computed in fp32 whatever its input, then rounded once
         out.append((probs @ v[:, :seen]).view(B * H_kv, R, e - s, D))
     return (out[0] if len(out) == 1 else torch.cat(out, dim=2)).view(B, H, T, D)
 
