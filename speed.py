@@ -1,7 +1,7 @@
 """How fast this machine runs the model and LIFT's training step, against what it could do.
 
     python eval.py bench                  matmul rates, prefill, the LIFT training step, decode
-    python eval.py bench --profile DIR    also the top operators of one training step, by self time
+    python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill
 
 Machines differ from session to session, so every speed is also given as a fraction of a rate
 measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a
@@ -236,22 +236,41 @@ def qa_batch_rates(model, tok, dtype: str, n: int = 8, steps: int = 2) -> list[s
             f"{shared:.2f} s, {alone / shared:.1f}x | {tokens / shared:,.0f} | | |"]
 
 
-def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
-    """The top operators of one training step by self CPU time, as a table (also written to out)."""
+def top_operators(run, path: Path, rows: int = 20) -> str:
+    """Call run() once to warm up, then once under the profiler: the top operators by self CPU
+    time, as a table (also written to path)."""
     from torch.profiler import ProfilerActivity, profile
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    return table
+
+
+def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
+    """The top operators of one training step with Gated Memory attached."""
     examples = windows(tok, T, 1)
     cfg = TrainConfig(dtype=dtype)
     gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
     model.train()
-    batch_loss(model, examples, cfg)[0].backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        batch_loss(model, examples, cfg)[0].backward()
+    table = top_operators(lambda: batch_loss(model, examples, cfg)[0].backward(), out / f"profile_train_step_{T}.txt")
     model.eval()
     gated_memory.remove(model)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_train_step_{T}.txt").write_text(table)
     return table
+
+
+def profile_prefill(model, T: int, dtype: str, out: Path) -> str:
+    """The top operators of a T-token prefill, by each attention path."""
+    ids = torch.randint(100, model.cfg.vocab_size, (1, T))
+    tables = []
+    for fused in (False, True):
+        with torch.no_grad(), autocast(torch.device("cpu"), dtype), fused_kernel_on_cpu(fused):
+            name = f"profile_prefill_{T}" + ("_fused" if fused else "") + ".txt"
+            tables.append(f"prefill {T}, {'fused kernel' if fused else 'explicit by blocks'} ({name}):\n"
+                          + top_operators(lambda: model(ids), out / name, rows=10))
+    return "\n".join(tables)
 
 
 def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int,
@@ -314,3 +333,4 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
     print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | | |")
     if profile_dir:
         print(profile_step(model, tok, train_lengths[0], dtype, Path(profile_dir)))
+        print(profile_prefill(model, lengths[-1], dtype, Path(profile_dir)))
