@@ -190,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="prefill lengths")
     b.add_argument("--train-lengths", type=int, nargs="+", default=[256, 1024], help="training window lengths ℓ")
     b.add_argument("--decode-tokens", type=int, default=64)
-    b.add_argument("--profile", default=None, help="folder for profiles (top operators) of one training step and of the longest prefill, by attention path")
+    b.add_argument("--profile", default=None, help="folder for profiles (top operators) of one training step "
+                   "and of the longest prefill, by attention path")
 
     g = sub.add_parser("generate", help="write a generated benchmark (invented facts, or needles)")
     g.add_argument("--kind", choices=["facts", "needle"], default="facts")
