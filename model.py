@@ -139,9 +139,9 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU the explicit math below beat the fused kernel at every length measured, forward (512,
-# 2,048 tokens) and forward + backward (256, 1,024): results/NOTEBOOK.md, "Attention by blocks of
-# queries". So a CPU takes it and CUDA the kernel; the bench sets CPU_FUSED to time the kernel.
+# On a CPU the explicit math below was as fast as the fused kernel or faster at every length the
+# bench measures, forward (512, 2,048 tokens) and forward + backward (256, 1,024): NOTEBOOK.md,
+# "Attention by blocks of queries". So a CPU takes it, CUDA the kernel; the bench sets CPU_FUSED.
 CPU_FUSED = False
 
 
@@ -149,7 +149,7 @@ def fused_kernel(cfg: ModelConfig, device: torch.device) -> bool:
     return cfg.fused_attention and (device.type != "cpu" or CPU_FUSED)   # else the explicit math
 
 
-QUERY_BLOCK = 128    # faster than 256 or 512 at every length measured (a block's scores stay in cache)
+QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 in a scratch comparison (a block's scores stay in cache)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
