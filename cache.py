@@ -83,7 +83,7 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file. (Not
     --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
-               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.RECIPE]
+               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.STUDY_FORMAT]
     prompts += [distill.CLOZE] if data_cfg.study in ("cloze", "both") else []
     prompts += [distill.KEY_QUESTIONS] if data_cfg.study == "keys" or data_cfg.phrasings > 1 else []
     prompts += [sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if data_cfg.study == "keys" else []

@@ -37,7 +37,7 @@ from data import DataConfig, DataError
 from gated_memory import GatedMemoryConfig
 import distill
 from lift import TrainConfig
-from options import UserError, add_options, from_args
+from options import UserError, add_options, from_args, recipe_defaults
 from sameness import general_ability
 
 ADAPTER_NAMES = ("gated_memory", "lora")
@@ -175,14 +175,17 @@ def write_summary(records: list[dict], out: Path, settings: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def parser() -> argparse.ArgumentParser:
+def parser(argv=None) -> argparse.ArgumentParser:
+    """The subcommands and their flags; argv only to read --recipe, whose settings become the defaults."""
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(s):
         s.add_argument("--model", default=None, help="model (default: built-in SmolLM2-135M-Instruct)")
+        s.add_argument("--recipe", choices=sorted(distill.RECIPES), default=None, help=distill.RECIPE_HELP)
         add_options(s, DataConfig)
         add_options(s, TrainConfig)
+        s.set_defaults(**recipe_defaults(argv, distill.RECIPES))
 
     b = sub.add_parser("bench", help="matmul rates, prefill, LIFT training step and decode speed of this machine")
     b.add_argument("--model", default=None)
@@ -259,7 +262,7 @@ def load_qa_benchmark(args, tok) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parser(argv).parse_args(argv)
     try:
         dtype = resolve_dtype(args.dtype, torch.device("cpu")) if hasattr(args, "dtype") else None
         if args.cmd == "bench":

@@ -47,3 +47,13 @@ def add_options(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = 
 def from_args(cls, args: argparse.Namespace):
     """Build `cls` from the parsed flags; fields without a flag keep their defaults."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def recipe_defaults(argv, recipes: dict[str, dict]) -> dict:
+    """The flag values that `--recipe NAME` in argv stands for ({} without it, or for a name the full
+    parser will refuse). A parser takes them as its defaults before it parses, so that a flag given
+    explicitly still wins: `--recipe study --epochs 5` trains 5 epochs."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    return recipes.get(known.recipe, {})

@@ -23,12 +23,14 @@ from adapters import adapter_config
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
+from distill import RECIPE_HELP, RECIPES
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
-from options import UserError, add_options, from_args
+from options import UserError, add_options, from_args, recipe_defaults
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(argv=None) -> argparse.ArgumentParser:
+    """The flags; argv only to read --recipe, whose settings become the defaults."""
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="LIFT: absorb a long document into a Gated Memory adapter, then answer questions about it.\n"
@@ -41,9 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["lift+icl", "lift", "icl"], default="lift+icl",
                    help="lift+icl: adapter + truncated document (default); lift: adapter only; "
                         "icl: base model + truncated document")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help=RECIPE_HELP)
     add_options(p, DataConfig)
     add_options(p, TrainConfig)
     add_options(p, GatedMemoryConfig, only=("head_lora",))
+    p.set_defaults(**recipe_defaults(argv, RECIPES))
     p.add_argument("--qa", default=None, help="auxiliary QA pairs: JSONL with {\"question\", \"answer\"} per line")
     p.add_argument("--synth-qa", type=int, default=0, help="let the model write N QA pairs from the document "
                                                            "(kept only if their evidence is verbatim in it)")
@@ -139,7 +143,7 @@ def cli(argv=None) -> int:
         if argv[:1] == ["sft"]:
             from sft import cli as sft_cli
             return sft_cli(argv[1:])
-        args = parser().parse_args(argv)
+        args = parser(argv).parse_args(argv)
         return main(doc=args.doc, ask=args.ask, model=args.model, mode=args.mode, data_cfg=from_args(DataConfig, args),
                     train_cfg=from_args(TrainConfig, args), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
                     no_cache=args.no_cache, device=args.device, threads=args.threads,

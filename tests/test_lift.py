@@ -112,6 +112,27 @@ def test_every_help_text_prints(argv, capsys):
         assert "--" in sub.format_help()
 
 
+def test_a_recipe_sets_its_flags_and_an_explicit_flag_still_wins():
+    import distill
+    import eval as evaluation
+    import train
+    from dataclasses import fields
+    names = {f.name for f in fields(DataConfig)} | {f.name for f in fields(TrainConfig)}
+    assert all(set(flags) <= names for flags in distill.RECIPES.values())     # no recipe key does nothing
+    parse = lambda *a: train.parser(list(a)).parse_args(list(a))
+    plain, study = parse("--doc", "d"), parse("--doc", "d", "--recipe", "study")
+    assert (plain.distill, plain.lr, plain.closed_book) == (0, TrainConfig().lr, False)
+    assert all(getattr(study, k) == v for k, v in distill.RECIPES["study"].items())
+    mixed = parse("--doc", "d", "--epochs", "5", "--recipe", "study", "--no-closed-book")
+    assert (mixed.epochs, mixed.closed_book, mixed.distill) == (5, False, 32)  # before or after --recipe
+    assert parse("--doc", "d", "--recipe", "paper").anchor == 0.0
+    argv = ["run", "--bench", "b", "--out", "o", "--recipe", "study", "--lr", "1e-3"]
+    ran = evaluation.parser(argv).parse_args(argv)
+    assert (ran.lr, ran.distill, ran.reply) == (1e-3, 32, "plain")
+    with pytest.raises(SystemExit):
+        parse("--doc", "d", "--recipe", "nonsense")
+
+
 @pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"], ["--head-lora", "2"]])
 def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, adapter):
     args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
