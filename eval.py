@@ -159,6 +159,17 @@ def write_summary(records: list[dict], out: Path, settings: dict) -> str:
         inside = [r for r in rs if r.get("in_budget") is True]
         lines.append(f"| {name} | {len(rs)} | {mean(rs, 'contains'):.2f} | {mean(rs, 'em'):.2f} | {mean(rs, 'f1'):.2f} | "
                      f"{mean(outside, 'contains'):.2f} ({len(outside)}) | {mean(inside, 'contains'):.2f} ({len(inside)}) |")
+    docs = sorted({r["doc"] for r in records})
+    if len(docs) > 1:                  # how the counts split over the documents: answered/asked
+
+        def count(rs: list[dict], inside: bool) -> str:
+            asked = [r for r in rs if r.get("in_budget") is inside]
+            return f"{sum(bool(r['contains']) for r in asked)}/{len(asked)}"
+        lines += ["", "Contained, by document: outside · inside the budget", "",
+                  "| mode (adapter) | " + " | ".join(docs) + " |", "|---|" + "---:|" * len(docs)]
+        for name, rs in groups.items():
+            by_doc = [[r for r in rs if r["doc"] == d] for d in docs]
+            lines.append(f"| {name} | " + " | ".join(f"{count(d, False)} · {count(d, True)}" for d in by_doc) + " |")
     absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
     if any("general_same_lift" in a for a in absorbed):
         lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "

@@ -163,3 +163,14 @@ def test_in_budget_matches_the_head_and_tail_that_truncation_keeps(tok):
         assert in_budget(t / n, n, context) == (t in kept), t
     doc = list(range(40, 40 + n))                                    # check against the real truncation
     assert len(tok.encode(truncate_middle(doc, context, tok))) > 0
+
+
+def test_summary_splits_the_counts_by_document(tmp_path, monkeypatch):
+    import eval as ev
+    monkeypatch.setattr(ev.plots, "plot_results", lambda groups, out: None)
+    rec = lambda doc, inside, hit: {"doc": doc, "mode": "lift", "adapter": "lora", "contains": hit, "em": 0.0,
+                                    "f1": 0.0, "in_budget": inside}
+    records = [rec("a", False, True), rec("a", False, False), rec("a", True, True), rec("b", False, False)]
+    text = ev.write_summary(records, tmp_path, {})
+    assert "| lift (lora) | 1/2 · 1/1 | 0/1 · 0/0 |" in text
+    assert "by document" not in ev.write_summary(records[:3], tmp_path, {})      # one document: no split
