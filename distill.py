@@ -71,7 +71,7 @@ from model import generate
 # --recipe NAME: several flags at once, for the command lines; a flag given explicitly still wins.
 # "study" is what answered best with Gated Memory: each of up to 32 names studied in four wordings,
 # answered as plain sentences, with and without the document, 8 questions a step, 10 epochs at lr
-# 3e-3 (results/NOTEBOOK.md, "Gated Memory answers the generated facts"). It trains about 5x as
+# 3e-3 (results/NOTEBOOK.md, "Gated Memory answers the generated facts"). It trains 5-6 times as
 # long as the defaults. "paper" is the released recipe: the defaults without our KL anchor.
 RECIPES = {"study": dict(distill=32, phrasings=4, reply="plain", closed_book=True, qa_start_epoch=0,
                          qa_batch=8, epochs=10, lr=3e-3),
