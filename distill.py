@@ -236,6 +236,17 @@ def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> list[tu
             for question, _, expected in study_pairs(tok.decode(doc), cfg)]
 
 
+def studied(text: str, cfg: DataConfig, questions: list[dict]) -> list[bool]:
+    """For each benchmark question, whether one of the self-study replies of `text` holds its fact:
+    the question's verbatim evidence when it has one, else one of its answers (spaces aside). A
+    question whose fact no study reply holds can only come from the windows: this splits what the
+    study set reached from what it never showed (eval.py's summary)."""
+    flat = lambda t: " ".join(t.split())
+    replies = [flat(reply) for _, reply, _ in study_pairs(text, cfg)]
+    return [any(flat(f) in r for r in replies for f in ([q["evidence"]] if q.get("evidence") else q["answers"]))
+            for q in questions]
+
+
 # ----------------------------------------------------------------------------- the anchor's replies
 ANCHOR_REPLY_TOKENS = 24
 

@@ -72,11 +72,15 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
         raise UserError(f"{out} holds records made with other settings; choose another --out (or delete it)")
     done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
+    reached = {}                      # (doc, question) → whether a self-study reply holds its fact
     for doc in docs:                  # every question must fit before any training starts
         ids = tok.encode(doc["document"])
         for q in doc["questions"]:
             for m in set(modes) - {"full"}:
                 lift.checked_prompt(model, tok, q["question"], ids, m, data_cfg.context, max_new_tokens)
+        if data_cfg.distill:
+            hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"])
+            reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in lift.BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
         adapter = adapter_kind + ("+sft" if init and adapter_kind == "gated_memory" else "")
@@ -137,7 +141,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 f.flush()
                 records.append(r)
                 done.add((r["doc"], r["q"], r["mode"], r["adapter"]))
-    write_summary(records, out, {**settings, "init": init})
+    write_summary(records, out, {**settings, "init": init}, reached)
     return records
 
 
@@ -145,8 +149,9 @@ def label(r: dict) -> str:
     return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
 
 
-def write_summary(records: list[dict], out: Path, settings: dict) -> str:
-    """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots."""
+def write_summary(records: list[dict], out: Path, settings: dict, reached: dict | None = None) -> str:
+    """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots.
+    reached: (doc, question) → whether a self-study reply holds the question's fact (--distill)."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(label(r), []).append(r)
@@ -170,6 +175,12 @@ def write_summary(records: list[dict], out: Path, settings: dict) -> str:
         for name, rs in groups.items():
             by_doc = [[r for r in rs if r["doc"] == d] for d in docs]
             lines.append(f"| {name} | " + " | ".join(f"{count(d, False)} · {count(d, True)}" for d in by_doc) + " |")
+    if reached:                        # did the adapter answer what it studied, and anything else?
+        lines += ["", "Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest", "",
+                  "| mode (adapter) | studied | not studied |", "|---|---:|---:|"]
+        for name, rs in groups.items():
+            split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]
+            lines.append(f"| {name} | " + " | ".join(f"{sum(bool(r['contains']) for r in g)}/{len(g)}" for g in split) + " |")
     absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
     if any("general_same_lift" in a for a in absorbed):
         lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "

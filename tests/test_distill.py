@@ -260,3 +260,15 @@ def test_study_unrelated_sets_how_many_general_questions_anchor_the_answer_time_
         DataConfig(distill=2, study_unrelated=-1)
     with pytest.raises(ValueError, match="--study-unrelated"):
         DataConfig(study_unrelated=3)                                          # nothing to sit beside without --distill
+
+
+def test_studied_says_which_questions_a_study_reply_holds():
+    from distill import studied
+    text = ("In 1724 the mill was built by Edric Hallowmere. It held 86 sacks of flour. "
+            "Later the Town Council\n   sold it for 800 crowns.")
+    questions = [{"question": "Who built the mill?", "answers": ["Edric Hallowmere"]},          # the first name's sentence
+                 {"question": "How many sacks?", "answers": ["86"]},                            # no name: never studied
+                 {"question": "For how much?", "answers": ["x"], "evidence": "Town Council sold it"},   # spaces aside
+                 {"question": "Who sold it?", "answers": ["Town Council"], "evidence": "bought it"}]   # evidence wins
+    assert studied(text, DataConfig(distill=10), questions) == [True, False, True, False]
+    assert studied(text, DataConfig(distill=1), questions) == [True, False, False, False]     # one name studied

@@ -174,3 +174,14 @@ def test_summary_splits_the_counts_by_document(tmp_path, monkeypatch):
     text = ev.write_summary(records, tmp_path, {})
     assert "| lift (lora) | 1/2 · 1/1 | 0/1 · 0/0 |" in text
     assert "by document" not in ev.write_summary(records[:3], tmp_path, {})      # one document: no split
+
+
+def test_summary_splits_the_counts_by_what_the_study_set_reached(tmp_path, monkeypatch):
+    import eval as ev
+    monkeypatch.setattr(ev.plots, "plot_results", lambda groups, out: None)
+    rec = lambda q, hit: {"doc": "a", "q": q, "mode": "lift", "adapter": "gated_memory", "contains": hit, "em": 0.0,
+                          "f1": 0.0, "in_budget": False}
+    records = [rec(0, True), rec(1, False), rec(2, True), rec(3, False)]
+    text = ev.write_summary(records, tmp_path, {}, {("a", 0): True, ("a", 1): True, ("a", 2): False})
+    assert "| lift (gated_memory) | 1/2 | 1/1 |" in text              # question 3: not in the map, in neither
+    assert "studied" not in ev.write_summary(records, tmp_path, {})   # no study set: no such table
