@@ -247,6 +247,18 @@ def studied(text: str, cfg: DataConfig, questions: list[dict]) -> list[bool]:
             for q in questions]
 
 
+def show_study(text: str, cfg: DataConfig) -> str:
+    """The self-study set of `text` under cfg, as train.py --show-study prints it: each question and
+    reply, then how many replies are distinct and how often the most studied one is asked (a reply
+    that many questions share is what the adapter learns to say to everything)."""
+    pairs = study_pairs(text, cfg)
+    replies = [" ".join(reply.split()) for _, reply, _ in pairs]        # on one line each
+    top = max(set(replies), key=replies.count, default="")
+    return "\n".join([f"Q: {q}\nA: {a}" for (q, _, _), a in zip(pairs, replies)] + [
+        f"{len(pairs)} questions, {len(set(replies))} distinct replies; the most studied reply is the answer to "
+        f"{replies.count(top)} of them: {top if len(top) <= 80 else top[:80] + '…'}"])
+
+
 # ----------------------------------------------------------------------------- the anchor's replies
 ANCHOR_REPLY_TOKENS = 24
 

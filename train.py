@@ -23,7 +23,7 @@ from adapters import adapter_config
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
-from distill import RECIPE_HELP, RECIPES
+from distill import RECIPE_HELP, RECIPES, show_study
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args, recipe_defaults
@@ -64,6 +64,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
                                                          "jobs on one machine half the cores, or both crawl")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--show-study", action="store_true", help="print the self-study questions and replies that "
+                   "--distill N (or --recipe study) would train on, and stop: no model, no training")
     return p
 
 
@@ -144,6 +146,11 @@ def cli(argv=None) -> int:
             from sft import cli as sft_cli
             return sft_cli(argv[1:])
         args = parser(argv).parse_args(argv)
+        if args.show_study:
+            if not args.distill:
+                raise UserError("--show-study shows --distill's questions: give --distill N or --recipe study")
+            print(show_study(read_document(args.doc), from_args(DataConfig, args)))
+            return 0
         return main(doc=args.doc, ask=args.ask, model=args.model, mode=args.mode, data_cfg=from_args(DataConfig, args),
                     train_cfg=from_args(TrainConfig, args), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
                     no_cache=args.no_cache, device=args.device, threads=args.threads,

@@ -272,3 +272,12 @@ def test_studied_says_which_questions_a_study_reply_holds():
                  {"question": "Who sold it?", "answers": ["Town Council"], "evidence": "bought it"}]   # evidence wins
     assert studied(text, DataConfig(distill=10), questions) == [True, False, True, False]
     assert studied(text, DataConfig(distill=1), questions) == [True, False, False, False]     # one name studied
+
+
+def test_show_study_counts_how_often_one_reply_is_studied():
+    from distill import show_study
+    text = "The mill of Edric Hallowmere stood by\n   the Long Pond. It held 86 sacks, and it was old."
+    shown = show_study(text, DataConfig(distill=10, phrasings=3, reply="plain")).splitlines()
+    assert shown[0] == "Q: " + QUESTION.format("Edric Hallowmere")
+    assert shown[1] == "A: The mill of Edric Hallowmere stood by the Long Pond."        # on one line
+    assert shown[-1] == f"6 questions, 1 distinct replies; the most studied reply is the answer to 6 of them: {shown[1][3:]}"

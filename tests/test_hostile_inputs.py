@@ -216,3 +216,13 @@ def test_eval_refuses_an_output_folder_made_with_other_settings(tiny_dir, tmp_pa
     assert ev.main(args[:-1] + ["3"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert ev.main(args + ["--epochs", "0"]) == 2
+
+
+def test_show_study_prints_the_study_set_without_a_model(capsys, doc, monkeypatch):
+    monkeypatch.setattr(train, "main", lambda **k: pytest.fail("--show-study must not load a model or train"))
+    code, out, _ = run_cli(capsys, "--doc", str(doc), "--show-study", "--distill", "4", "--phrasings", "2")
+    assert code == 0 and out.count("Q: ") == out.count("A: ") > 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"{out.count('Q: ')} questions,") and "distinct replies" in last
+    code, _, err = run_cli(capsys, "--doc", str(doc), "--show-study")            # no study set to show
+    assert code == 2 and err.count("\n") == 1 and "--distill" in err
