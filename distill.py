@@ -134,10 +134,18 @@ def spread(items: list, limit: int) -> list:
     return [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
 
 
-def statements(text: str, limit: int, numbers: bool = False) -> list[tuple[str, str]]:
+def statements(text: str, limit: int, numbers: bool = False, distinct: bool = False) -> list[tuple[str, str]]:
     """(name, the first sentence of the text that names it) for up to `limit` names (and, with
-    `numbers`, numbers, in order of first appearance), spread evenly over the text."""
+    `numbers`, numbers, in order of first appearance), spread evenly over the text. distinct
+    (--study sentences): each sentence under its first name only. In a licence seven capitalised
+    words ("MERCHANTABILITY", "KIND", …) name one disclaimer, which the quote study set then asks
+    28 of 108 times, and the adapter answers everything with it (results/NOTEBOOK.md)."""
     found = names(text)
+    if distinct:
+        told = [s for s in sentences(text) if len(s.split()) > 3]
+        first = {n: next((s for s in told if mention(n, s)), None) for n in found}
+        once = {s: n for n, s in reversed(first.items()) if s is not None}        # a sentence → its first name
+        return [(n, first[n]) for n in spread([n for n in first if once.get(first[n]) == n], limit)]
     if numbers:                                              # each name or number at its first position
         first = {n: text.find(n) for n in found} | {m.group(0): m.start() for m in reversed(list(NUMBER.finditer(text)))}
         found = sorted(first, key=first.get)
@@ -185,9 +193,10 @@ def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
                  statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
     if cfg.study == "keys":                                  # up to N keys, the wordings in turn
         return quoted(spread(keys(text), cfg.distill), rotate=True)
-    quote = quoted(statements(text, cfg.distill), rotate=False) if cfg.study != "cloze" else []
+    quote = quoted(statements(text, cfg.distill, distinct=cfg.study == "sentences"), rotate=False) \
+        if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)
-             for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study != "quote" else []
+             for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study in ("cloze", "both") else []
     return quote + cloze                                     # --study both: up to N of each
 
 

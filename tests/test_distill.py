@@ -281,3 +281,15 @@ def test_show_study_counts_how_often_one_reply_is_studied():
     assert shown[0] == "Q: " + QUESTION.format("Edric Hallowmere")
     assert shown[1] == "A: The mill of Edric Hallowmere stood by the Long Pond."        # on one line
     assert shown[-1] == f"6 questions, 1 distinct replies; the most studied reply is the answer to 6 of them: {shown[1][3:]}"
+
+
+def test_study_sentences_asks_each_sentence_under_one_name_only():
+    from distill import study_pairs
+    text = ("Edric Hallowmere built the mill for Anna Vell in 1724. The mill held 86 sacks for Anna Vell. "
+            "The Long Pond fed the mill that Edric Hallowmere built.")
+    quote = study_pairs(text, DataConfig(distill=10, reply="plain"))
+    assert [r for _, r, _ in quote].count(text.split(" The mill")[0]) == 2     # two names, one sentence, asked twice
+    once = study_pairs(text, DataConfig(distill=10, reply="plain", study="sentences"))
+    assert once == [quote[0], (QUESTION.format("Long Pond"), text.split("sacks for Anna Vell. ")[1],
+                               text.split("sacks for Anna Vell. ")[1].rstrip("."))]
+    assert len(study_pairs(text, DataConfig(distill=1, study="sentences"))) == 1
