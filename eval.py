@@ -176,7 +176,9 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
             by_doc = [[r for r in rs if r["doc"] == d] for d in docs]
             lines.append(f"| {name} | " + " | ".join(f"{count(d, False)} · {count(d, True)}" for d in by_doc) + " |")
     if reached:                        # did the adapter answer what it studied, and anything else?
-        lines += ["", "Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest", "",
+        covered = sorted({d for d, _ in reached})      # a rerun with fewer --docs knows only those documents' sets
+        only = f" (documents {', '.join(covered)} only)" if set(docs) - set(covered) else ""
+        lines += ["", f"Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest{only}", "",
                   "| mode (adapter) | studied | not studied |", "|---|---:|---:|"]
         for name, rs in groups.items():
             split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]

@@ -185,3 +185,5 @@ def test_summary_splits_the_counts_by_what_the_study_set_reached(tmp_path, monke
     text = ev.write_summary(records, tmp_path, {}, {("a", 0): True, ("a", 1): True, ("a", 2): False})
     assert "| lift (gated_memory) | 1/2 | 1/1 |" in text              # question 3: not in the map, in neither
     assert "studied" not in ev.write_summary(records, tmp_path, {})   # no study set: no such table
+    other = {**records[0], "doc": "b"}                              # a document this command did not study
+    assert "(documents a only)" in ev.write_summary(records + [other], tmp_path, {}, {("a", 0): True})
