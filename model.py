@@ -143,37 +143,38 @@ class KVCache:
 # bench measures, forward (512, 2,048 tokens) and forward + backward (256, 1,024): NOTEBOOK.md,
 # "Attention by blocks of queries". So a CPU takes it, CUDA the kernel; the bench sets CPU_FUSED.
 CPU_FUSED = False
+QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 in a scratch comparison (a block's scores stay in cache)
 
 
 def fused_kernel(cfg: ModelConfig, device: torch.device) -> bool:
     return cfg.fused_attention and (device.type != "cpu" or CPU_FUSED)   # else the explicit math
 
 
-QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 in a scratch comparison (a block's scores stay in cache)
-
-
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
     """What the fused kernel computes, written out. q: (B, H, T, D) at positions start_pos..;
     k, v: (B, H_kv, S, D) at positions 0..S-1. -> (B, H, T, D). The R = H / H_kv query heads of a
-    key/value head are stacked along time, so that one product per key/value head serves them all,
-    with no copy of the keys and values. The queries go QUERY_BLOCK at a time, each block against
-    only the keys it may see: no work on the masked triangle beyond the block (almost half of a
-    long prompt's scores), and only (R·QUERY_BLOCK, S) scores in memory at once."""
+    key/value head are stacked along time: one product per key/value head serves them all, with no
+    copy of the keys and values. The queries go QUERY_BLOCK at a time, each block against only the
+    keys it may see: no work on the masked triangle beyond the block (almost half of a long
+    prompt's scores), and only (R·QUERY_BLOCK, S) scores in memory at once."""
     (B, H, T, D), (H_kv, S) = q.shape, k.shape[1:3]
     R = H // H_kv
-    q = q.reshape(B * H_kv, R, T, D)
-    k, v = k.reshape(B * H_kv, S, D), v.reshape(B * H_kv, S, D)
+    q, k, v = q.reshape(B * H_kv, R, T, D), k.reshape(B * H_kv, S, D), v.reshape(B * H_kv, S, D)
     out = []
     for s in range(0, T, QUERY_BLOCK):
-        e = min(s + QUERY_BLOCK, T)
-        seen = start_pos + e                                       # the block's last query sees keys 0..seen-1
-        qb = q[:, :, s:e].reshape(B * H_kv, R * (e - s), D)        # (B·H_kv, R·b, D)
-        mask = q.new_zeros(R, e - s, seen)                         # the keys before the block: all seen
-        mask[:, :, seen - (e - s):] = causal_mask(e - s, e - s, 0, q.device, q.dtype)   # its own: a triangle
-        # mask + QKᵀ/√D in one pass: the block's largest tensor is written once. (B·H_kv, R·b, seen)
-        scores = torch.baddbmm(mask.view(R * (e - s), seen), qb, k[:, :seen].transpose(1, 2), alpha=1 / math.sqrt(D))
+        b = min(QUERY_BLOCK, T - s)                                # the block's queries: s..s+b-1
+        seen = start_pos + s + b                                   # its last query sees keys 0..seen-1
+        qb, kt = q[:, :, s:s + b].reshape(B * H_kv, R * b, D), k[:, :seen].transpose(1, 2)
+        triangle = causal_mask(b, b, 0, q.device, q.dtype)        # the keys before the block: all seen
+        if torch.is_grad_enabled():    # training: mask + QKᵀ/√D in one product, autograd's cheapest form
+            mask = q.new_zeros(R, b, seen)
+            mask[:, :, seen - b:] = triangle
+            scores = torch.baddbmm(mask.view(R * b, seen), qb, kt, alpha=1 / math.sqrt(D))   # (B·H_kv, R·b, seen)
+        else:                          # answering: QKᵀ/√D, then the triangle added in place: no mask copied
+            scores = torch.bmm(qb * (1 / math.sqrt(D)), kt)
+            scores.view(B * H_kv, R, b, seen)[..., seen - b:] += triangle
         probs = F.softmax(scores, dim=-1)        # computed in fp32 whatever its input, then rounded once
-        out.append((probs @ v[:, :seen]).view(B * H_kv, R, e - s, D))
+        out.append((probs @ v[:, :seen]).view(B * H_kv, R, b, D))
     return (out[0] if len(out) == 1 else torch.cat(out, dim=2)).view(B, H, T, D)
 
 

@@ -30,7 +30,8 @@ def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cac
     (the fused kernel's is_causal) and for a continuation after a KV cache (an explicit mask);
     grouped-query heads (4 query heads on 2 key/value heads) included. The explicit path agrees
     whether its queries go in one block or in several (5: a last block shorter than the others;
-    2: a continuation of 5 tokens in three blocks, each seeing the cache and its own past)."""
+    2: a continuation of 5 tokens in three blocks, each seeing the cache and its own past), and
+    with autograd off, where it adds its mask in place."""
     import model as model_module
     from model import KVCache
     monkeypatch.setattr(model_module, "CPU_FUSED", True)            # the fused kernel, on a CPU too
@@ -45,14 +46,16 @@ def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cac
         logits = model(ids)
         logits.pow(2).mean().backward()
         cache = KVCache(model.cfg, 2, ids.shape[1], "cpu", torch.float32)
-        with torch.no_grad():
+        with torch.no_grad():                # answering: the explicit path's own branch, no gradient
+            answered = model(ids)
             model(ids[:, :7], cache=cache)
             continued = model(ids[:, 7:], cache=cache, start_pos=7)          # (2, 5, V)
-        out[fused] = (logits.detach(), wq.grad.clone(), continued)
+        out[fused] = (logits.detach(), wq.grad.clone(), continued, answered)
         wq.grad = None
     for explicit, fused in zip(out[False], out[True]):
         assert (explicit - fused).abs().max().item() <= 1e-5
     assert (out[True][2] - out[True][0][:, 7:]).abs().max().item() <= 1e-5   # the cache changes nothing
+    assert (out[False][3] - out[False][0]).abs().max().item() <= 1e-5      # nor does answering without autograd
 
 
 def test_a_cpu_takes_the_explicit_path_and_cuda_the_fused_kernel():
