@@ -4,19 +4,18 @@
     python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill
 
 Machines differ from session to session, so every speed is also given as a fraction of a rate
-measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a
-2048³ product). Prefill needs 2 FLOPs per weight per token (forward), plus causal attention.
-A LIFT training step on a frozen base needs the forward pass and the gradients of the
-activations, not of the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus
-attention (forward and its backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own
-FLOPs (< 2% of the model's) are left out, so the fraction slightly understates the work done.
-The "fused attention kernel" rows and the "attention of one layer" rows time the attention paths
-model.py chooses between: the explicit math by blocks of queries (a CPU's), the fused kernel (CUDA's).
-The "default loop step" rows time what a LIFT run actually does per window, by part: the window,
-the anchor's KL on an unrelated example (our extension, on by default), the optimizer. The
-"self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
+measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a 2048³
+product). Prefill needs 2 FLOPs per weight per token (forward), plus causal attention. A LIFT
+training step on a frozen base needs the forward pass and the gradients of the activations, not of
+the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
+backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
+left out, so the fraction slightly understates the work done.
+The "fused attention kernel" and "attention of one layer" rows time the attention paths model.py
+chooses between: the explicit math by blocks of queries (a CPU's, and its two branches), the
+fused kernel (CUDA's). The "default loop step" rows time what a LIFT run does per window, by part:
+the window, the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
+The "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
 --qa-batch (their shared truncated document run once per batch: compute.SharedPrefix).
-Not in the paper; it tells a reader what LIFT costs on their hardware.
 """
 from __future__ import annotations
 
@@ -165,6 +164,20 @@ def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
     return f"| attention of one layer over {T} tokens, forward + backward: {', '.join(out)} | | | |"
 
 
+def answering_attention(model, T: int, dtype: str, reps: int = 7) -> str:
+    """Median ms of one layer's explicit attention forward: answering's branch, then training's, in turn."""
+    c, dt = model.cfg, getattr(torch, dtype)
+    q, k, v = (torch.randn(1, h, T, c.head_dim, dtype=dt) for h in (c.n_heads, c.n_kv_heads, c.n_kv_heads))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for turn in range(2 * reps + 2):
+        with torch.set_grad_enabled(bool(turn % 2)):
+            t = time.perf_counter()
+            model_module.explicit_attention(q, k, v)
+        times[bool(turn % 2)].append(time.perf_counter() - t)
+    a, b = (1000 * sorted(times[g][1:])[reps // 2] for g in (False, True))
+    return f"| attention of one layer over {T} tokens, forward: in place {a:.1f} ms, mask copied {b:.1f} ms | | | |"
+
+
 def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) -> list[str]:
     """Seconds per step of the default loop on the example document, by part: the window's forward
     and backward, the anchor's KL (the frozen base's forward, the adapted forward and backward on
@@ -301,6 +314,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         for fused, s in best.items():
             print(f"| prefill {T}{', fused attention kernel' if fused else ''} (best of 3) | {T / s:,.0f} | "
                   f"{100 * flops / s / peak:.0f}% | |")
+        print(answering_attention(model, T, dtype))
     eager = {}
     for T in train_lengths:
         variants = ((1, False, False, False), (1, True, False, False), (4, False, False, False),
