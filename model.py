@@ -165,8 +165,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_
         b = min(QUERY_BLOCK, T - s)                                # the block's queries: s..s+b-1
         seen = start_pos + s + b                                   # its last query sees keys 0..seen-1
         qb, kt = q[:, :, s:s + b].reshape(B * H_kv, R * b, D), k[:, :seen].transpose(1, 2)
-        triangle = causal_mask(b, b, 0, q.device, q.dtype)        # the keys before the block: all seen
-        if torch.is_grad_enabled():    # training: mask + QKᵀ/√D in one product, autograd's cheapest form
+        triangle = causal_mask(b, b, 0, q.device, q.dtype)        # its own keys (those before it: all seen)
+        if torch.is_grad_enabled():    # training: mask + QKᵀ/√D in one product (in place was no faster there)
             mask = q.new_zeros(R, b, seen)
             mask[:, :, seen - b:] = triangle
             scores = torch.baddbmm(mask.view(R * b, seen), qb, kt, alpha=1 / math.sqrt(D))   # (B·H_kv, R·b, seen)
