@@ -36,9 +36,11 @@ from compute import resolve_dtype
 from data import DataConfig, DataError
 from gated_memory import GatedMemoryConfig
 import distill
+import gated_memory
 from lift import TrainConfig
 from options import UserError, add_options, from_args, recipe_defaults
 from sameness import general_ability
+from summary import write_summary
 
 ADAPTER_NAMES = ("gated_memory", "lora")
 
@@ -48,10 +50,13 @@ ADAPTER_NAMES = ("gated_memory", "lora")
 
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
-        general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig()) -> list[dict]:
+        general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig(),
+        switch: bool = False) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
+    switch: Gated Memory answers only the questions that open its gate (switch.py); the records
+    of lift and lift+icl then say whether it did, with the gate and the threshold.
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
@@ -64,6 +69,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
     if gm_cfg != GatedMemoryConfig():   # only when set, so that folders of earlier runs keep their key
         settings["gated_memory"] = learning_settings(gm_cfg)
+    if switch:                          # likewise
+        settings["switch"] = True
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
@@ -114,7 +121,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 before = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
-                                    adapter) if general else {}
+                                    adapter, switch) if general else {}
             if data_cfg.distill:       # how many of its own self-study questions the adapter answers
                 hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
                 extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))
@@ -131,12 +138,13 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                     continue        # the upper bound exists only where the whole document fits
                 t = time.perf_counter()
                 pred = lift.answer(model, tok, q["question"], ids, mode=mode, context=data_cfg.context,
-                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype)
+                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=switch)
                 r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in lift.BASE_MODES else "none",
                      "question": q["question"], "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
                      "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
-                     "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key}
+                     "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key,
+                     **switched(model, switch and mode in ("lift", "lift+icl"))}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 records.append(r)
@@ -145,57 +153,10 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     return records
 
 
-def label(r: dict) -> str:
-    return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
-
-
-def write_summary(records: list[dict], out: Path, settings: dict, reached: dict | None = None) -> str:
-    """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots.
-    reached: (doc, question) → whether a self-study reply holds the question's fact (--distill)."""
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(label(r), []).append(r)
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs) if rs else float("nan")
-    lines = [f"Settings: `{json.dumps(settings)}`", "",
-             "| mode (adapter) | n | contained | exact match | token F1 | contained, evidence outside budget | contained, evidence inside |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, rs in groups.items():
-        outside = [r for r in rs if r.get("in_budget") is False]
-        inside = [r for r in rs if r.get("in_budget") is True]
-        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'contains'):.2f} | {mean(rs, 'em'):.2f} | {mean(rs, 'f1'):.2f} | "
-                     f"{mean(outside, 'contains'):.2f} ({len(outside)}) | {mean(inside, 'contains'):.2f} ({len(inside)}) |")
-    docs = sorted({r["doc"] for r in records})
-    if len(docs) > 1:                  # how the counts split over the documents: answered/asked
-
-        def count(rs: list[dict], inside: bool) -> str:
-            asked = [r for r in rs if r.get("in_budget") is inside]
-            return f"{sum(bool(r['contains']) for r in asked)}/{len(asked)}"
-        lines += ["", "Contained, by document: outside · inside the budget", "",
-                  "| mode (adapter) | " + " | ".join(docs) + " |", "|---|" + "---:|" * len(docs)]
-        for name, rs in groups.items():
-            by_doc = [[r for r in rs if r["doc"] == d] for d in docs]
-            lines.append(f"| {name} | " + " | ".join(f"{count(d, False)} · {count(d, True)}" for d in by_doc) + " |")
-    if reached:                        # did the adapter answer what it studied, and anything else?
-        covered = sorted({d for d, _ in reached})      # a rerun with fewer --docs knows only those documents' sets
-        only = f" (documents {', '.join(covered)} only)" if set(docs) - set(covered) else ""
-        lines += ["", f"Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest{only}", "",
-                  "| mode (adapter) | studied | not studied |", "|---|---:|---:|"]
-        for name, rs in groups.items():
-            split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]
-            lines.append(f"| {name} | " + " | ".join(f"{sum(bool(r['contains']) for r in g)}/{len(g)}" for g in split) + " |")
-    absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
-    if any("general_same_lift" in a for a in absorbed):
-        lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "
-                      "| mean gate: document questions / general |", "|---|---|---:|---:|---:|"]
-        for a in (a for a in absorbed if "general_same_lift" in a):
-            gate = f"{a['gate_document']:.3f} / {a['gate_general']:.3f}" if "gate_document" in a else "–"
-            lines.append(f"| {a['adapter']} | {a['doc']} | {a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f} "
-                         f"| {a['general_contained_lift']:.2f} / {a['general_contained_lift+icl']:.2f} | {gate} |")
-    text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    print(text)
-    plots.plot_results(groups, out)
-    return text
+def switched(model, asked: bool) -> dict:
+    """With --switch, the last answer's decision (switch.py): {"switch": {gate, threshold, adapter_used}}."""
+    memories = gated_memory.adapters(model) if asked else []
+    return {"switch": memories[0].switch_last} if memories else {}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -250,6 +211,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
                                                        "adapted model answers them as the base model does")
         r.add_argument("--gate-trace", type=int, default=0, metavar="N",
                        help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
+        r.add_argument("--switch", action="store_true", help="Gated Memory answers only the questions that open its "
+                       "gate more than any of the anchor's unrelated prompts; the base model answers the rest (our extension)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
         common(r)
         add_options(r, GatedMemoryConfig)
@@ -312,7 +275,7 @@ def main(argv=None) -> int:
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
                 args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace,
-                from_args(GatedMemoryConfig, args))
+                from_args(GatedMemoryConfig, args), args.switch)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

@@ -104,6 +104,9 @@ class GatedMemory(nn.Module):
         self.record_gates = False
         self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
         self.last_share: Optional[torch.Tensor] = None       # (T, H) the memory's share of the output
+        # Answering with --switch (switch.py): thresholds read once, and the last question's decision.
+        self.switch_thresholds: dict = {}
+        self.switch_last: Optional[dict] = None
         # Training, not diagnostics: a list here collects every g (with its gradient) for a penalty.
         self.gate_log: Optional[list[torch.Tensor]] = None
 

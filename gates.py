@@ -18,31 +18,8 @@ import gated_memory
 import plots
 from cache import absorb_cached
 from compute import autocast
-from data import question_messages, read_document, truncate_middle
-
-
-@torch.no_grad()
-def recorded(model, ids: list[int], dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate g and the memory's share of the output, per layer, token and head, for one input:
-    -> two (layers, T, H) tensors."""
-    adapters = gated_memory.adapters(model)
-    for a in adapters:
-        a.record_gates = True
-    with autocast(model.tok_embeddings.weight.device, dtype):
-        model(torch.tensor([ids], device=model.tok_embeddings.weight.device))
-    for a in adapters:
-        a.record_gates = False
-    return torch.stack([a.last_gates for a in adapters]), torch.stack([a.last_share for a in adapters])
-
-
-def question_span(tok, question: str, context: str | None = None) -> tuple[list[int], int, int]:
-    """The prompt of a question (LIFT's, or LIFT+ICL's after `context`), and where the question's
-    own tokens are in it."""
-    messages = question_messages(question, context)
-    ids, content = tok.encode_chat(messages), messages[0]["content"]
-    content_ids = tok.encode(content)
-    at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
-    return ids, at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
+from data import read_document, truncate_middle
+from switch import question_span, recorded
 
 
 def probe_means(model, inputs: list[tuple[list[int], int, int]], dtype: str) -> tuple[list[float], list[float]]:

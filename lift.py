@@ -33,6 +33,7 @@ from data import (IGNORE, DataConfig, Example, batches, build_epochs, question_m
                   window_examples)
 from model import generate
 from options import UserError, option
+from switch import gate_opens
 
 
 class TrainingError(UserError):
@@ -286,15 +287,18 @@ MODES = ("icl", "lift", "lift+icl", "closed", "full")
 BASE_MODES = ("icl", "closed", "full")          # run with any adapter switched off
 
 
-def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -> list[int]:
-    """The prompt: the truncated document in context for icl and lift+icl, none for lift."""
+def prompt_context(tok, doc: list[int], mode: str, context: int) -> Optional[str]:
+    """What goes before the question: the truncated document for icl and lift+icl, all of it for
+    full, nothing for lift and closed."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     if mode in ("lift", "closed"):
-        context_text = None
-    else:
-        context_text = tok.decode(doc) if mode == "full" else truncate_middle(doc, context, tok)
-    return tok.encode_chat(question_messages(question, context_text))
+        return None
+    return tok.decode(doc) if mode == "full" else truncate_middle(doc, context, tok)
+
+
+def answer_prompt(tok, question: str, doc: list[int], mode: str, context: int) -> list[int]:
+    return tok.encode_chat(question_messages(question, prompt_context(tok, doc, mode, context)))
 
 
 def checked_prompt(model, tok, question: str, doc: list[int], mode: str, context: int,
@@ -311,10 +315,11 @@ def checked_prompt(model, tok, question: str, doc: list[int], mode: str, context
 
 
 def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 512,
-           max_new_tokens: int = 64, dtype: str = "float32",
+           max_new_tokens: int = 64, dtype: str = "float32", switch: bool = False,
            stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter
-    switched off; lift and lift+icl need an adapter."""
+    switched off; lift and lift+icl need an adapter. switch: Gated Memory answers only if the
+    question opens its gate (switch.py, our extension), else the base model does."""
     kind = attached(model)
     if mode not in BASE_MODES and kind is None:
         raise UserError(f"mode {mode} needs an adapter: absorb the document first")
@@ -331,7 +336,8 @@ def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl",
                 stream(text[len(printed):])
                 printed = text
 
-    with autocast(device, dtype), (kind.disabled(model) if mode in BASE_MODES and kind else nullcontext()):
+    base = mode in BASE_MODES or (switch and not gate_opens(model, tok, question, prompt_context(tok, doc, mode, context), dtype))
+    with autocast(device, dtype), (kind.disabled(model) if base and kind else nullcontext()):
         ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
     return tok.decode(ids).strip()
 

@@ -42,12 +42,15 @@ BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per 
 
 
 def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], context: int, dtype: str,
-                    path: Path, adapter: str) -> dict:
+                    path: Path, adapter: str, switch: bool = False) -> dict:
     """How often the adapted model answers questions unrelated to `doc` exactly as the base model
     does (lift against closed, lift+icl against icl, the same prompts) and how often rightly; for
     Gated Memory also the mean gate on document questions against general ones (the paper expects
-    the first to be much higher). One record per question and mode is appended to `path`."""
-    ask = lambda q, m: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype)
+    the first to be much higher). One record per question and mode is appended to `path`; with
+    switch (switch.py), whether the adapter answered, and how often it did."""
+    ask = lambda q, m, s=False: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype,
+                                            switch=s)
+    memories = gated_memory.adapters(model) if switch else []
 
     def base_answer(q: str, m: str) -> str:
         key = (m, q, tuple(ids) if m == "icl" else None)
@@ -55,16 +58,19 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
             BASE_ANSWERS[key] = ask(q, m)
         return BASE_ANSWERS[key]
 
-    same, right = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
+    same, right, used = {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}, {"lift": [], "lift+icl": []}
     with path.open("a") as f:
         for q in general:
             for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
-                base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode)
+                base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode, switch)
                 same[mode].append(base == adapted)
                 right[mode].append(bm.contains(adapted, q["answers"]))
+                decision = {"switch": memories[0].switch_last} if memories else {}
+                used[mode] += [decision["switch"]["adapter_used"]] if memories else []
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
-                                    "base": base, "adapted": adapted, "same": base == adapted}) + "\n")
+                                    "base": base, "adapted": adapted, "same": base == adapted, **decision}) + "\n")
     out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
+    out.update({f"general_adapter_used_{m}": sum(v) / len(v) for m, v in used.items() if v})
     out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
     if attached(model) is gated_memory:
         mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()

@@ -63,6 +63,9 @@ def parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores). Give each of two "
                                                          "jobs on one machine half the cores, or both crawl")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    p.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False,
+                   help="Gated Memory answers only the questions that open its gate more than any unrelated prompt of "
+                        "the anchor; the base model answers the rest, exactly as without LIFT (our extension, switch.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--show-study", action="store_true", help="print the self-study questions and replies that "
                    "--distill N (or --recipe study) would train on, and stop: no model, no training")
@@ -81,7 +84,8 @@ def pick_device(name: str) -> torch.device:
 
 def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataConfig, train_cfg: TrainConfig,
          qa: str | None, synth_qa: int, adapter: str | None, no_cache: bool, device: str, threads: int,
-         max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0, head_lora: int = 0) -> int:
+         max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0, head_lora: int = 0,
+         switch: bool = False) -> int:
     from checkpoint import load_model
     if max_new_tokens < 1 or synth_qa < 0 or threads < 0 or lora_rank < 0:
         raise UserError("--max-new-tokens must be at least 1; --synth-qa, --threads and --lora-rank cannot be negative")
@@ -117,7 +121,7 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     def respond(q: str):
         print(f"Q: {q}\nA: ", end="", flush=True)
         answer(base, tok, q, doc_ids, mode=mode, context=data_cfg.context, max_new_tokens=max_new_tokens,
-               dtype=train_cfg.dtype, stream=lambda s: print(s, end="", flush=True))
+               dtype=train_cfg.dtype, switch=switch, stream=lambda s: print(s, end="", flush=True))
         print()
 
     for q in ask:
@@ -155,7 +159,7 @@ def cli(argv=None) -> int:
                     train_cfg=from_args(TrainConfig, args), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
                     no_cache=args.no_cache, device=args.device, threads=args.threads,
                     max_new_tokens=args.max_new_tokens, quiet=args.quiet, init=args.init,
-                    lora_rank=args.lora_rank, head_lora=args.head_lora)
+                    lora_rank=args.lora_rank, head_lora=args.head_lora, switch=args.switch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

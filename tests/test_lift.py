@@ -363,7 +363,7 @@ def test_gate_penalty_adds_the_mean_gate_on_the_anchor_and_closes_the_gate(tiny_
     """--gate-penalty λ: the anchor's loss grows by exactly λ · (mean g over its tokens, layers and
     heads), and its gradient pushes every gate down."""
     from data import Example
-    from gates import recorded
+    from switch import recorded
     from lift import anchor_loss
     model, tok = load_model(str(tiny_dir))
     gm.attach(model, gm.GatedMemoryConfig(), seed=0)

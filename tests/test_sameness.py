@@ -6,6 +6,7 @@ import torch
 import gated_memory as gm
 import sameness
 from checkpoint import load_model
+from data import truncate_middle
 
 DOC = {"id": "d", "document": "In 1743 the frost came to the valley. " * 6,
        "questions": [{"question": "When did the frost come?", "answers": ["1743"], "evidence_pos": 0.1}]}
@@ -56,3 +57,21 @@ def test_two_copies_of_the_base_in_one_precision_agree_and_the_measure_sees_a_di
         twin.tok_embeddings.weight.add_(torch.randn_like(twin.tok_embeddings.weight))
     moved = sameness.precision_agreement((model, "float32"), (twin, "float32"), tok, ids, GENERAL, 32, tmp_path / "c")
     assert moved["general_same_closed"] < 1.0 and moved["general_same_icl"] < 1.0
+
+
+def test_with_the_switch_a_question_that_opens_no_gate_gets_the_base_reply(tiny_dir, tmp_path):
+    """--switch: replies the open adapter changes come back word for word once the threshold lies
+    above every question's gate; the records say that the adapter did not answer."""
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    for a in gm.adapters(model):
+        a.force_gate = 1.0                                     # every question opens the gate fully
+    context = truncate_middle(tok.encode(DOC["document"]), 32, tok)                   # LIFT+ICL's, at budget 32
+    gm.adapters(model)[0].switch_thresholds.update({(None, "float32"): 1.0, (context, "float32"): 0.5})
+    ask = lambda path: sameness.general_ability(model, tok, DOC, tok.encode(DOC["document"]), GENERAL, 32, "float32",
+                                                tmp_path / path, "gm", switch=True)
+    out = ask("a.jsonl")
+    assert out["general_same_lift"] == 1.0 and out["general_adapter_used_lift"] == 0.0
+    assert out["general_same_lift+icl"] < 1.0 and out["general_adapter_used_lift+icl"] == 1.0   # 1 > 0.5: opens
+    records = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert all(r["switch"]["adapter_used"] == (r["mode"] == "lift+icl") for r in records)

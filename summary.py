@@ -1,0 +1,62 @@
+"""summary.md of an `eval.py run`: the scores by mode (and adapter), inside and outside the ICL
+budget, by document, by whether a self-study reply holds the question's fact, and the general
+questions' sameness and gates; then the plots (plots.py). Reads records, runs no model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plots
+
+
+def label(r: dict) -> str:
+    return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
+
+
+def write_summary(records: list[dict], out: Path, settings: dict, reached: dict | None = None) -> str:
+    """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots.
+    reached: (doc, question) → whether a self-study reply holds the question's fact (--distill)."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(label(r), []).append(r)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs) if rs else float("nan")
+    lines = [f"Settings: `{json.dumps(settings)}`", "",
+             "| mode (adapter) | n | contained | exact match | token F1 | contained, evidence outside budget | contained, evidence inside |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in groups.items():
+        outside = [r for r in rs if r.get("in_budget") is False]
+        inside = [r for r in rs if r.get("in_budget") is True]
+        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'contains'):.2f} | {mean(rs, 'em'):.2f} | {mean(rs, 'f1'):.2f} | "
+                     f"{mean(outside, 'contains'):.2f} ({len(outside)}) | {mean(inside, 'contains'):.2f} ({len(inside)}) |")
+    docs = sorted({r["doc"] for r in records})
+    if len(docs) > 1:                  # how the counts split over the documents: answered/asked
+
+        def count(rs: list[dict], inside: bool) -> str:
+            asked = [r for r in rs if r.get("in_budget") is inside]
+            return f"{sum(bool(r['contains']) for r in asked)}/{len(asked)}"
+        lines += ["", "Contained, by document: outside · inside the budget", "",
+                  "| mode (adapter) | " + " | ".join(docs) + " |", "|---|" + "---:|" * len(docs)]
+        for name, rs in groups.items():
+            by_doc = [[r for r in rs if r["doc"] == d] for d in docs]
+            lines.append(f"| {name} | " + " | ".join(f"{count(d, False)} · {count(d, True)}" for d in by_doc) + " |")
+    if reached:                        # did the adapter answer what it studied, and anything else?
+        covered = sorted({d for d, _ in reached})      # a rerun with fewer --docs knows only those documents' sets
+        only = f" (documents {', '.join(covered)} only)" if set(docs) - set(covered) else ""
+        lines += ["", f"Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest{only}", "",
+                  "| mode (adapter) | studied | not studied |", "|---|---:|---:|"]
+        for name, rs in groups.items():
+            split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]
+            lines.append(f"| {name} | " + " | ".join(f"{sum(bool(r['contains']) for r in g)}/{len(g)}" for g in split) + " |")
+    absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
+    if any("general_same_lift" in a for a in absorbed):
+        lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "
+                      "| mean gate: document questions / general |", "|---|---|---:|---:|---:|"]
+        for a in (a for a in absorbed if "general_same_lift" in a):
+            gate = f"{a['gate_document']:.3f} / {a['gate_general']:.3f}" if "gate_document" in a else "–"
+            lines.append(f"| {a['adapter']} | {a['doc']} | {a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f} "
+                         f"| {a['general_contained_lift']:.2f} / {a['general_contained_lift+icl']:.2f} | {gate} |")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    plots.plot_results(groups, out)
+    return text

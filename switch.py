@@ -1,0 +1,93 @@
+"""Our extension (--switch): answer with Gated Memory only for the questions that open its gate.
+
+Why. The paper's gate g is soft. On a question the document does not help, g is small but never
+zero, and a head whose output is scaled by (1 − g) = 0.99 still moves near-tied next tokens:
+greedy decoding then writes another reply. An adapter that has learnt nothing already changes a
+third of the general replies, and only gates that are exactly shut give the base model's reply
+back (results/NOTEBOOK.md, "Where the word-for-word measure starts"). Yet read once per question,
+as the mean of g over the question's own tokens, a trained gate does tell the document's
+questions from unrelated ones (results/NOTEBOOK.md, "The gate as a switch").
+
+How. Before answering, one forward pass over the prompt reads that mean gate. The threshold is
+the highest mean gate among the anchor's unrelated prompts (examples/anchor_prompts.txt, the
+negatives that --anchor trained the gate to stay shut on), read in the same prompt: alone for
+LIFT, after the truncated document for LIFT+ICL. A question whose gate is no higher than that is
+answered with the adapter off: LIFT answers as the base model, LIFT+ICL as ICL, token for token.
+So the gate still decides, as in the paper, but per question and exactly.
+
+Not in arXiv 2502.14644. It needs no training and changes no adapter; it costs one forward pass
+over each prompt, and the threshold's 48 passes once per adapter and prompt form.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import gated_memory
+from compute import autocast
+from data import anchor_questions, question_messages
+from model import KVCache
+
+
+@torch.no_grad()
+def recorded(model, ids: list[int], dtype: str, cache: Optional[KVCache] = None,
+             start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate g and the memory's share of the output, per layer, token and head, for one input
+    (at positions start_pos.., after the keys and values in `cache` if given):
+    -> two (layers, T, H) tensors."""
+    adapters = gated_memory.adapters(model)
+    for a in adapters:
+        a.record_gates = True
+    with autocast(model.tok_embeddings.weight.device, dtype):
+        model(torch.tensor([ids], device=model.tok_embeddings.weight.device), cache=cache, start_pos=start_pos)
+    for a in adapters:
+        a.record_gates = False
+    return torch.stack([a.last_gates for a in adapters]), torch.stack([a.last_share for a in adapters])
+
+
+def question_span(tok, question: str, context: Optional[str] = None) -> tuple[list[int], int, int]:
+    """The prompt of a question (LIFT's, or LIFT+ICL's after `context`), and where the question's
+    own tokens are in it."""
+    messages = question_messages(question, context)
+    ids, content = tok.encode_chat(messages), messages[0]["content"]
+    content_ids = tok.encode(content)
+    at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
+    return ids, at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
+
+
+def question_gate(model, tok, question: str, context: Optional[str], dtype: str) -> float:
+    """Mean g over the question's own tokens, every layer and head."""
+    ids, first, last = question_span(tok, question, context)
+    return recorded(model, ids, dtype)[0][:, first:last].mean().item()
+
+
+def threshold(model, tok, context: Optional[str], dtype: str) -> float:
+    """The highest question gate among the anchor's unrelated prompts, in this prompt form
+    (computed once per adapter, prompt form and dtype, then kept on the adapter). The prompts
+    share everything before the question (with LIFT+ICL, the truncated document): that part runs
+    once, into a KV cache, and each prompt's own tokens run after it (48 short passes, not 48
+    passes over the document)."""
+    memo = gated_memory.adapters(model)[0].switch_thresholds
+    key = (context, dtype)
+    if key not in memo:
+        spans = [question_span(tok, q, context) for q in anchor_questions()]
+        shared = min(first for _, first, _ in spans)             # every prompt's tokens agree up to here
+        assert all(ids[:shared] == spans[0][0][:shared] for ids, _, _ in spans)
+        cache = KVCache(model.cfg, 1, max(len(ids) for ids, _, _ in spans), model.tok_embeddings.weight.device,
+                        model.tok_embeddings.weight.dtype)
+        recorded(model, spans[0][0][:shared], dtype, cache)
+        memo[key] = max(recorded(model, ids[shared:], dtype, cache, shared)[0][:, first - shared:last - shared].mean().item()
+                        for ids, first, last in spans)
+    return memo[key]
+
+
+def gate_opens(model, tok, question: str, context: Optional[str], dtype: str) -> bool:
+    """Should the adapter answer this question? Always yes for an adapter without a gate (LoRA).
+    The decision, with its gate and threshold, is kept as `switch_last` on the first memory."""
+    memories = gated_memory.adapters(model)
+    if not memories:
+        return True
+    gate, tau = question_gate(model, tok, question, context, dtype), threshold(model, tok, context, dtype)
+    memories[0].switch_last = {"gate": gate, "threshold": tau, "adapter_used": gate > tau}
+    return gate > tau

@@ -1,0 +1,70 @@
+"""--switch (switch.py): the gate, read once per question, decides whether Gated Memory answers at
+all; when it does not, the reply is exactly the base model's."""
+import pytest
+import torch
+
+import gated_memory as gm
+import lora
+import switch
+from checkpoint import load_model
+from conftest import TEXT
+from data import anchor_questions, truncate_middle
+from lift import answer
+
+
+def loud_memory(model):
+    """A Gated Memory whose memory writes large values: its replies differ from the base model's."""
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    with torch.no_grad():
+        for a in gm.adapters(model):
+            a.mem_out.normal_(std=3.0)
+    return gm.adapters(model)
+
+
+def test_the_question_span_holds_the_question_in_both_prompts(tiny_dir):
+    _, tok = load_model(str(tiny_dir))
+    question = "Who came to the valley in 1743?"
+    for context in (None, truncate_middle(tok.encode(TEXT), 48, tok)):
+        ids, first, last = switch.question_span(tok, question, context)
+        assert tok.decode(ids[first:last]).strip() == question
+        assert last < len(ids)                            # the chat template's end follows it
+
+
+def test_the_threshold_is_the_most_open_anchor_prompt_in_each_prompt_form(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    loud_memory(model)
+    context = truncate_middle(tok.encode(TEXT), 48, tok)
+    gates = [switch.question_gate(model, tok, q, context, "float32") for q in anchor_questions()]
+    assert len(set(gates)) > 1                            # the prompts do open the gate differently
+    assert switch.threshold(model, tok, context, "float32") == pytest.approx(max(gates), rel=1e-5)
+    gates = [switch.question_gate(model, tok, q, None, "float32") for q in anchor_questions()]
+    assert switch.threshold(model, tok, None, "float32") == pytest.approx(max(gates), rel=1e-5)   # via the shared prefix
+    assert set(gm.adapters(model)[0].switch_thresholds) == {(None, "float32"), (context, "float32")}   # kept
+
+
+def test_a_question_below_the_threshold_gets_the_base_models_reply(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    doc = tok.encode(TEXT)
+    memories = loud_memory(model)
+    question = "What came to the valley?"
+    ask = lambda mode, s=False: answer(model, tok, question, doc, mode=mode, context=48, max_new_tokens=8, switch=s)
+    for mode, base_mode in (("lift", "closed"), ("lift+icl", "icl")):
+        plain, base = ask(mode), ask(base_mode)
+        assert plain != base                              # the memory changes this reply
+        context = None if mode == "lift" else truncate_middle(doc, 48, tok)
+        gate = switch.question_gate(model, tok, question, context, "float32")
+        memories[0].switch_thresholds[(context, "float32")] = gate          # the question opens it no more than that
+        assert ask(mode, True) == base and memories[0].switch_last["adapter_used"] is False
+        memories[0].switch_thresholds[(context, "float32")] = gate - 1e-3   # now it opens it more
+        assert ask(mode, True) == plain and memories[0].switch_last["adapter_used"] is True
+
+
+def test_an_adapter_without_a_gate_always_answers(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    lora.attach(model, lora.LoRAConfig(rank=4), seed=0)
+    with torch.no_grad():
+        for a in lora.adapters(model):
+            a.B.normal_(std=0.5)
+    doc = tok.encode(TEXT)
+    ask = lambda s: answer(model, tok, "What came?", doc, mode="lift", context=48, max_new_tokens=8, switch=s)
+    assert ask(True) == ask(False) != answer(model, tok, "What came?", doc, mode="closed", context=48, max_new_tokens=8)
