@@ -51,12 +51,13 @@ ADAPTER_NAMES = ("gated_memory", "lora")
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
         general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig(),
-        switch: bool = False) -> list[dict]:
+        switch: bool = False, recall: bool = True) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
     switch: Gated Memory answers only the questions that open its gate (switch.py); the records
     of lift and lift+icl then say whether it did, with the gate and the threshold.
+    recall: with --distill, also ask the adapter its own self-study questions (minutes per document).
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
@@ -122,7 +123,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
                                     adapter, switch) if general else {}
-            if data_cfg.distill:       # how many of its own self-study questions the adapter answers
+            if data_cfg.distill and recall:       # how many of its own self-study questions the adapter answers
                 hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
                 extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))
                 extra["study_missed"] = [q for q, hit in hits if not hit]
@@ -213,6 +214,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
                        help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
         r.add_argument("--switch", action="store_true", help="Gated Memory answers only the questions that open its "
                        "gate more than any of the anchor's unrelated prompts; the base model answers the rest (our extension)")
+        r.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True, help="with --distill: "
+                       "how many of its own self-study questions the adapter answers (asks them all: minutes per document)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
         common(r)
         add_options(r, GatedMemoryConfig)
@@ -275,7 +278,7 @@ def main(argv=None) -> int:
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
                 args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace,
-                from_args(GatedMemoryConfig, args), args.switch)
+                from_args(GatedMemoryConfig, args), args.switch, args.recall)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

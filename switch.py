@@ -20,6 +20,7 @@ over each prompt, and the threshold's 48 passes once per adapter and prompt form
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,9 +52,13 @@ def question_span(tok, question: str, context: Optional[str] = None) -> tuple[li
     own tokens are in it."""
     messages = question_messages(question, context)
     ids, content = tok.encode_chat(messages), messages[0]["content"]
-    content_ids = tok.encode(content)
+    content_ids, before = tok.encode(content), tok.encode(content[:content.index(question)])
     at = next(i for i in range(len(ids)) if ids[i:i + len(content_ids)] == content_ids)
-    return ids, at + len(tok.encode(content[:content.index(question)])), at + len(content_ids)
+    # The tokens that the text before the question encodes to alone, as far as the whole text has
+    # them too: a byte-level BPE encodes "Question: " with a last token " " that the whole text
+    # joins to the question's first word (" Give"), which belongs to the question.
+    shared = next((i for i, (a, b) in enumerate(zip(content_ids, before)) if a != b), len(before))
+    return ids, at + shared, at + len(content_ids)
 
 
 def question_gate(model, tok, question: str, context: Optional[str], dtype: str) -> float:
@@ -72,8 +77,8 @@ def threshold(model, tok, context: Optional[str], dtype: str) -> float:
     key = (context, dtype)
     if key not in memo:
         spans = [question_span(tok, q, context) for q in anchor_questions()]
-        shared = min(first for _, first, _ in spans)             # every prompt's tokens agree up to here
-        assert all(ids[:shared] == spans[0][0][:shared] for ids, _, _ in spans)
+        common = len(os.path.commonprefix([ids for ids, _, _ in spans]))      # (it compares lists too)
+        shared = min([common] + [first for _, first, _ in spans])  # every prompt's tokens agree up to here
         cache = KVCache(model.cfg, 1, max(len(ids) for ids, _, _ in spans), model.tok_embeddings.weight.device,
                         model.tok_embeddings.weight.dtype)
         recorded(model, spans[0][0][:shared], dtype, cache)

@@ -30,6 +30,17 @@ def test_the_question_span_holds_the_question_in_both_prompts(tiny_dir):
         assert last < len(ids)                            # the chat template's end follows it
 
 
+@pytest.mark.real
+def test_the_question_span_starts_at_the_questions_first_word_with_the_real_tokenizer(default_model):
+    """SmolLM2's byte-level BPE joins the space after "Question:" to the question's first word."""
+    _, tok = default_model
+    for question in anchor_questions()[:8] + ["What is 2 + 2?"]:
+        for context in (None, "Some text.\nMore of it."):
+            ids, first, last = switch.question_span(tok, question, context)
+            assert tok.decode(ids[first:last]).strip() == question
+            assert tok.decode(ids[:first]).endswith("Question:")
+
+
 def test_the_threshold_is_the_most_open_anchor_prompt_in_each_prompt_form(tiny_dir):
     model, tok = load_model(str(tiny_dir))
     loud_memory(model)
