@@ -72,12 +72,14 @@ from model import generate
 # "study" is what answered best with Gated Memory: each of up to 32 names studied in four wordings,
 # answered as plain sentences, with and without the document, 8 questions a step, 10 epochs at lr
 # 3e-3 (results/NOTEBOOK.md, "Gated Memory answers the generated facts"). It trains 5-6 times as
-# long as the defaults. "paper" is the released recipe: the defaults without our KL anchor.
+# long as the defaults. "paper" is the released recipe: the defaults without our KL anchor, and
+# train.py answering without our switch (switch.py; eval.py answers without it unless asked).
 RECIPES = {"study": dict(distill=32, phrasings=4, reply="plain", closed_book=True, qa_start_epoch=0,
                          qa_batch=8, epochs=10, lr=3e-3),
-           "paper": dict(anchor=0.0)}
+           "paper": dict(anchor=0.0, switch=False)}
 RECIPE_HELP = ("several settings at once (a flag given explicitly still wins): " +
-               "; ".join(f"{name}: " + " ".join("--" + k.replace("_", "-") + ("" if v is True else f" {v}")
+               "; ".join(f"{name}: " + " ".join(("--no-" if v is False else "--") + k.replace("_", "-")
+                                                + ("" if isinstance(v, bool) else f" {v}")
                                             for k, v in flags.items()) for name, flags in RECIPES.items()))
 STUDY_FORMAT = "names quoted (cross-entropy) + unrelated questions in context (KL)/2"   # in the cache key
 REPLY_TOKENS = 48                  # a reply, at most: a quoted sentence, or the teacher's own answer

@@ -36,11 +36,11 @@ from compute import resolve_dtype
 from data import DataConfig, DataError
 from gated_memory import GatedMemoryConfig
 import distill
-import gated_memory
 from lift import TrainConfig
 from options import UserError, add_options, from_args, recipe_defaults
 from sameness import general_ability
 from summary import write_summary
+from switch import switch_decision
 
 ADAPTER_NAMES = ("gated_memory", "lora")
 
@@ -156,8 +156,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
 
 def switched(model, asked: bool) -> dict:
     """With --switch, the last answer's decision (switch.py): {"switch": {gate, threshold, adapter_used}}."""
-    memories = gated_memory.adapters(model) if asked else []
-    return {"switch": memories[0].switch_last} if memories else {}
+    decided = switch_decision(model) if asked else None
+    return {"switch": decided} if decided else {}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -212,7 +212,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
                                                        "adapted model answers them as the base model does")
         r.add_argument("--gate-trace", type=int, default=0, metavar="N",
                        help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
-        r.add_argument("--switch", action="store_true", help="Gated Memory answers only the questions that open its "
+        r.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False, help="Gated Memory answers "
+                       "only the questions that open its "
                        "gate more than any of the anchor's unrelated prompts; the base model answers the rest (our extension)")
         r.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True, help="with --distill: "
                        "how many of its own self-study questions the adapter answers (asks them all: minutes per document)")

@@ -96,3 +96,9 @@ def gate_opens(model, tok, question: str, context: Optional[str], dtype: str) ->
     gate, tau = question_gate(model, tok, question, context, dtype), threshold(model, tok, context, dtype)
     memories[0].switch_last = {"gate": gate, "threshold": tau, "adapter_used": gate > tau}
     return gate > tau
+
+
+def switch_decision(model) -> Optional[dict]:
+    """The last answer's decision ({gate, threshold, adapter_used}), if the switch made one."""
+    memories = gated_memory.adapters(model)
+    return memories[0].switch_last if memories else None

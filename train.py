@@ -27,6 +27,7 @@ from distill import RECIPE_HELP, RECIPES, show_study
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args, recipe_defaults
+from switch import switch_decision
 
 
 def parser(argv=None) -> argparse.ArgumentParser:
@@ -47,7 +48,6 @@ def parser(argv=None) -> argparse.ArgumentParser:
     add_options(p, DataConfig)
     add_options(p, TrainConfig)
     add_options(p, GatedMemoryConfig, only=("head_lora",))
-    p.set_defaults(**recipe_defaults(argv, RECIPES))
     p.add_argument("--qa", default=None, help="auxiliary QA pairs: JSONL with {\"question\", \"answer\"} per line")
     p.add_argument("--synth-qa", type=int, default=0, help="let the model write N QA pairs from the document "
                                                            "(kept only if their evidence is verbatim in it)")
@@ -63,12 +63,14 @@ def parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores). Give each of two "
                                                          "jobs on one machine half the cores, or both crawl")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
-    p.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--switch", action=argparse.BooleanOptionalAction, default=True,
                    help="Gated Memory answers only the questions that open its gate more than any unrelated prompt of "
-                        "the anchor; the base model answers the rest, exactly as without LIFT (our extension, switch.py)")
+                        "the anchor; the base model answers the rest, exactly as without LIFT (our extension, switch.py; "
+                        "--no-switch: the paper's answering, always with the adapter)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--show-study", action="store_true", help="print the self-study questions and replies that "
                    "--distill N (or --recipe study) would train on, and stop: no model, no training")
+    p.set_defaults(**recipe_defaults(argv, RECIPES))           # last: it sets the defaults of every flag above
     return p
 
 
@@ -85,7 +87,7 @@ def pick_device(name: str) -> torch.device:
 def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataConfig, train_cfg: TrainConfig,
          qa: str | None, synth_qa: int, adapter: str | None, no_cache: bool, device: str, threads: int,
          max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0, head_lora: int = 0,
-         switch: bool = False) -> int:
+         switch: bool = True) -> int:
     from checkpoint import load_model
     if max_new_tokens < 1 or synth_qa < 0 or threads < 0 or lora_rank < 0:
         raise UserError("--max-new-tokens must be at least 1; --synth-qa, --threads and --lora-rank cannot be negative")
@@ -123,6 +125,11 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
         answer(base, tok, q, doc_ids, mode=mode, context=data_cfg.context, max_new_tokens=max_new_tokens,
                dtype=train_cfg.dtype, switch=switch, stream=lambda s: print(s, end="", flush=True))
         print()
+        if switch and mode != "icl" and (decided := switch_decision(base)):
+            print(f"(switch: the question's mean gate {decided['gate']:.4f} "
+                  + ("> " if decided["adapter_used"] else "≤ ")
+                  + f"{decided['threshold']:.4f}, the most open unrelated prompt's: "
+                  + ("the adapter answered)" if decided["adapter_used"] else "the base model answered)"), file=sys.stderr)
 
     for q in ask:
         respond(q)

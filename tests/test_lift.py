@@ -117,7 +117,7 @@ def test_a_recipe_sets_its_flags_and_an_explicit_flag_still_wins():
     import eval as evaluation
     import train
     from dataclasses import fields
-    names = {f.name for f in fields(DataConfig)} | {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(DataConfig)} | {f.name for f in fields(TrainConfig)} | {"switch"}   # + answering's
     assert all(set(flags) <= names for flags in distill.RECIPES.values())     # no recipe key does nothing
     parse = lambda *a: train.parser(list(a)).parse_args(list(a))
     plain, study = parse("--doc", "d"), parse("--doc", "d", "--recipe", "study")
@@ -125,7 +125,8 @@ def test_a_recipe_sets_its_flags_and_an_explicit_flag_still_wins():
     assert all(getattr(study, k) == v for k, v in distill.RECIPES["study"].items())
     mixed = parse("--doc", "d", "--epochs", "5", "--recipe", "study", "--no-closed-book")
     assert (mixed.epochs, mixed.closed_book, mixed.distill) == (5, False, 32)  # before or after --recipe
-    assert parse("--doc", "d", "--recipe", "paper").anchor == 0.0
+    paper = parse("--doc", "d", "--recipe", "paper")
+    assert (paper.anchor, paper.switch, plain.switch) == (0.0, False, True)   # the paper answers without our switch
     argv = ["run", "--bench", "b", "--out", "o", "--recipe", "study", "--lr", "1e-3"]
     ran = evaluation.parser(argv).parse_args(argv)
     assert (ran.lr, ran.distill, ran.reply) == (1e-3, 32, "plain")
