@@ -37,6 +37,7 @@ from checkpoint import load_model
 from compute import resolve_dtype
 from gates import mean_gates
 from options import UserError, add_options, from_args
+from switch import switch_decision
 
 BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per process (they do not change)
 
@@ -50,7 +51,6 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
     switch (switch.py), whether the adapter answered, and how often it did."""
     ask = lambda q, m, s=False: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype,
                                             switch=s)
-    memories = gated_memory.adapters(model) if switch else []
 
     def base_answer(q: str, m: str) -> str:
         key = (m, q, tuple(ids) if m == "icl" else None)
@@ -65,8 +65,9 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
                 base, adapted = base_answer(q["question"], base_mode), ask(q["question"], mode, switch)
                 same[mode].append(base == adapted)
                 right[mode].append(bm.contains(adapted, q["answers"]))
-                decision = {"switch": memories[0].switch_last} if memories else {}
-                used[mode] += [decision["switch"]["adapter_used"]] if memories else []
+                decided = switch_decision(model) if switch else None       # what the switch did, if it decided
+                used[mode] += [decided["adapter_used"]] if decided else []
+                decision = {"switch": decided} if decided else {}
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "mode": mode, "question": q["question"],
                                     "base": base, "adapted": adapted, "same": base == adapted, **decision}) + "\n")
     out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
