@@ -212,9 +212,9 @@ def parser(argv=None) -> argparse.ArgumentParser:
                                                        "adapted model answers them as the base model does")
         r.add_argument("--gate-trace", type=int, default=0, metavar="N",
                        help="record Gated Memory's gates on fixed probes every N optimizer steps (a figure per document)")
-        r.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False, help="Gated Memory answers "
-                       "only the questions that open its "
-                       "gate more than any of the anchor's unrelated prompts; the base model answers the rest (our extension)")
+        r.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False,
+                       help="Gated Memory answers only the questions that open its gate more than any of the anchor's "
+                            "unrelated prompts; the base model answers the rest (our extension, switch.py)")
         r.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True, help="with --distill: "
                        "how many of its own self-study questions the adapter answers (asks them all: minutes per document)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
