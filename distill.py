@@ -247,14 +247,19 @@ def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> list[tu
             for question, _, expected in study_pairs(tok.decode(doc), cfg)]
 
 
-def studied(text: str, cfg: DataConfig, questions: list[dict]) -> list[bool]:
+def studied(text: str, cfg: DataConfig, questions: list[dict], tok=None, tokens: int = 0) -> list[bool]:
     """For each benchmark question, whether one of the self-study replies of `text` holds its fact:
     the question's verbatim evidence when it has one, else one of its answers (spaces aside). A
     question whose fact no study reply holds can only come from the windows: this splits what the
-    study set reached from what it never showed (eval.py's summary)."""
+    study set reached from what it never showed (eval.py's summary). With tok and tokens, the
+    reply must also give one of the answers within its first `tokens` tokens: an answer of that
+    length that recites the reply could not contain it otherwise (a licence's sentences run to
+    260 tokens; results/NOTEBOOK.md, "Keys on a licence")."""
     flat = lambda t: " ".join(t.split())
     replies = [flat(reply) for _, reply, _ in study_pairs(text, cfg)]
-    return [any(flat(f) in r for r in replies for f in ([q["evidence"]] if q.get("evidence") else q["answers"]))
+    heads = [tok.decode(tok.encode(r)[:tokens]).lower() if tok and tokens else None for r in replies]
+    return [any(flat(f) in r and (h is None or any(a.lower() in h for a in q["answers"]))
+                for r, h in zip(replies, heads) for f in ([q["evidence"]] if q.get("evidence") else q["answers"]))
             for q in questions]
 
 

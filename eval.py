@@ -80,14 +80,14 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
         raise UserError(f"{out} holds records made with other settings; choose another --out (or delete it)")
     done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
-    reached = {}                      # (doc, question) → whether a self-study reply holds its fact
+    reached = {}                      # (doc, question) → whether a self-study reply holds its fact, early enough
     for doc in docs:                  # every question must fit before any training starts
         ids = tok.encode(doc["document"])
         for q in doc["questions"]:
             for m in set(modes) - {"full"}:
                 lift.checked_prompt(model, tok, q["question"], ids, m, data_cfg.context, max_new_tokens)
         if data_cfg.distill:
-            hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"])
+            hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in lift.BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):

@@ -15,7 +15,8 @@ def label(r: dict) -> str:
 
 def write_summary(records: list[dict], out: Path, settings: dict, reached: dict | None = None) -> str:
     """summary.md (a table by mode, and by evidence inside/outside the ICL budget) and the plots.
-    reached: (doc, question) → whether a self-study reply holds the question's fact (--distill)."""
+    reached: (doc, question) → whether a self-study reply holds the question's fact, its answer within the
+    answer's budget of tokens (--distill)."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(label(r), []).append(r)
@@ -42,7 +43,7 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     if reached:                        # did the adapter answer what it studied, and anything else?
         covered = sorted({d for d, _ in reached})      # a rerun with fewer --docs knows only those documents' sets
         only = f" (documents {', '.join(covered)} only)" if set(docs) - set(covered) else ""
-        lines += ["", f"Contained, as answered/asked: questions whose fact a self-study reply holds, and the rest{only}", "",
+        lines += ["", f"Contained, as answered/asked: questions whose fact a self-study reply holds (its answer within the reply's first tokens, as many as an answer may have), and the rest{only}", "",
                   "| mode (adapter) | studied | not studied |", "|---|---:|---:|"]
         for name, rs in groups.items():
             split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]

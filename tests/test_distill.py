@@ -274,6 +274,18 @@ def test_studied_says_which_questions_a_study_reply_holds():
     assert studied(text, DataConfig(distill=1), questions) == [True, False, False, False]     # one name studied
 
 
+def test_studied_within_an_answers_budget_needs_the_answer_early_in_the_reply():
+    from distill import studied
+    text = "The mill was built by Edric Hallowmere in the year when the river froze and the bells rang 1724."
+    words = type("Tok", (), {"encode": staticmethod(str.split), "decode": staticmethod(" ".join)})()   # a token a word
+    questions = [{"question": "Who built the mill?", "answers": ["Edric Hallowmere"]},        # words 6-7
+                 {"question": "When?", "answers": ["1724"], "evidence": "the bells rang"}]     # the last word
+    cfg = DataConfig(distill=10)
+    assert studied(text, cfg, questions) == [True, True]                  # anywhere in the reply
+    assert studied(text, cfg, questions, words, 10) == [True, False]      # `The text says: "The mill … in`
+    assert studied(text, cfg, questions, words, 40) == [True, True]
+
+
 def test_show_study_counts_how_often_one_reply_is_studied():
     from distill import show_study
     text = "The mill of Edric Hallowmere stood by\n   the Long Pond. It held 86 sacks, and it was old."
