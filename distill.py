@@ -253,8 +253,8 @@ def studied(text: str, cfg: DataConfig, questions: list[dict], tok=None, tokens:
     question whose fact no study reply holds can only come from the windows: this splits what the
     study set reached from what it never showed (eval.py's summary). With tok and tokens, the
     reply must also give one of the answers within its first `tokens` tokens: an answer of that
-    length that recites the reply could not contain it otherwise (a licence's sentences run to
-    260 tokens; results/NOTEBOOK.md, "Keys on a licence")."""
+    length that recites the reply could not contain it otherwise (a licence's sentences are long;
+    results/NOTEBOOK.md, "Keys on a licence")."""
     flat = lambda t: " ".join(t.split())
     replies = [flat(reply) for _, reply, _ in study_pairs(text, cfg)]
     heads = [tok.decode(tok.encode(r)[:tokens]).lower() if tok and tokens else None for r in replies]
