@@ -187,7 +187,8 @@ def test_default_model_end_to_end_with_tiny_settings(tmp_path):
     doc.write_text((ROOT / "examples" / "orchard_chronicle.txt").read_text()[:1500])
     args = ["--doc", str(doc), "--ask", "Who founded Vellmora?", "--window", "128", "--context", "128",
             "--epochs", "1", "--max-new-tokens", "12", "--quiet",
-            "--anchor", "0"]   # the anchor's 48 base replies would cost a minute; tiny-model tests cover it
+            "--anchor", "0",   # the anchor's 48 base replies would cost a minute; tiny-model tests cover it
+            "--no-switch"]     # its threshold's 48 passes cost ~12 s a call; the tiny CLI test runs it
     first = cli(*args, cache=tmp_path / "c")
     assert first.returncode == 0, first.stderr
     assert "tokens/s" in first.stderr and len(first.stdout.split("A: ", 1)[1].strip()) > 0
