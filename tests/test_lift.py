@@ -134,20 +134,33 @@ def test_a_recipe_sets_its_flags_and_an_explicit_flag_still_wins():
         parse("--doc", "d", "--recipe", "nonsense")
 
 
-@pytest.mark.parametrize("adapter", [[], ["--lora-rank", "2"], ["--head-lora", "2"]])
-def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, adapter):
+def run_train(*args, cache, process: bool, capsys, monkeypatch) -> tuple[int, str, str]:
+    """train.py with args: in a new process (what a user runs), or in this one (the same train.cli,
+    without the 3–5 s of a new process's imports): (exit status, stdout, stderr)."""
+    if process:
+        p = cli(*args, cache=cache)
+        return p.returncode, p.stdout, p.stderr
+    import train
+    monkeypatch.setenv("LIFT_CACHE", str(cache))
+    code = train.cli(list(args))
+    return (code, *capsys.readouterr())
+
+
+@pytest.mark.parametrize("adapter,process", [([], True), (["--lora-rank", "2"], False), (["--head-lora", "2"], False)])
+def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, capsys, monkeypatch, adapter, process):
     args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
             "--context", "48", "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "4", "--quiet", *adapter]
-    first = cli(*args, cache=tmp_path / "c")
-    assert first.returncode == 0, first.stderr
-    assert "Q: What came?" in first.stdout and "\nA: " in first.stdout and "tokens/s" in first.stderr
-    second = cli(*args, cache=tmp_path / "c")
-    assert second.returncode == 0 and "no training" in second.stderr and "tokens/s" not in second.stderr
-    assert second.stdout == first.stdout
+    run = lambda: run_train(*args, cache=tmp_path / "c", process=process, capsys=capsys, monkeypatch=monkeypatch)
+    code, out, err = run()
+    assert code == 0, err
+    assert "Q: What came?" in out and "\nA: " in out and "tokens/s" in err
+    code, again, err = run()
+    assert code == 0 and "no training" in err and "tokens/s" not in err
+    assert again == out
 
 
 @pytest.mark.parametrize("setup,extra,message", [
-    ("missing", [], "no such file"),
+    ("missing", [], "no such file"),           # the first case in a new process, the others in this one
     ("empty", [], "is empty"),
     ("latin1", [], "not utf-8"),
     ("ok", ["--ask", "  "], "empty question"),
@@ -159,7 +172,8 @@ def test_cli_answers_and_second_call_uses_the_cache(tiny_dir, doc, tmp_path, ada
     ("ok", ["--lora-rank", "2", "--head-lora", "2"], "part of gated memory"),
     ("ok", ["--init", "x.safetensors", "--head-lora", "2"], "--init cannot start one"),
 ])
-def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, setup, extra, message):
+def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_path, capsys, monkeypatch,
+                                                                setup, extra, message):
     doc = tmp_path / "d.txt"
     args = []
     if setup == "empty":
@@ -172,12 +186,13 @@ def test_cli_bad_input_is_one_line_error_and_nothing_is_cached(tiny_dir, tmp_pat
         qa = tmp_path / "qa.jsonl"
         qa.write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n{broken\n")
         args = ["--qa", str(qa)]
-    r = cli("--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32", "--context", "48",
-            "--epochs", "1", "--dtype", "float32", "--quiet", *args, *extra, cache=tmp_path / "c")
-    assert r.returncode == 2
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0].lower(), r.stderr
-    assert "Traceback" not in r.stderr
+    code, _, err = run_train("--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32",
+                             "--context", "48", "--epochs", "1", "--dtype", "float32", "--quiet", *args, *extra,
+                             cache=tmp_path / "c", process=setup == "missing", capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 2                 # in this process, a traceback would be an exception failing the test
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0].lower(), err
+    assert "Traceback" not in err
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
 
