@@ -258,7 +258,10 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, torch.device("cpu")) if hasattr(args, "dtype") else None
         if args.cmd == "bench":
             from speed import bench
-            bench(args.model, dtype, args.lengths, args.train_lengths, args.decode_tokens, args.profile)
+            model, tok = bench(args.model, dtype, args.lengths, args.train_lengths, args.decode_tokens)
+            if args.profile:
+                from profiling import write_profiles
+                write_profiles(model, tok, args.train_lengths[0], args.lengths[-1], dtype, Path(args.profile))
             return 0
         if args.cmd == "generate":
             return generate_cmd(args)

@@ -1,7 +1,7 @@
 """How fast this machine runs the model and LIFT's training step, against what it could do.
 
     python eval.py bench                  matmul rates, prefill, the LIFT training step, decode
-    python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill
+    python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill (profiling.py)
 
 Machines differ from session to session, so every speed is also given as a fraction of a rate
 measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a 2048³
@@ -98,12 +98,14 @@ def windows(tok, T: int, n: int) -> list:
     return window_examples(tok.encode(text)[:T * n], DataConfig(window=T, stride=T))[:n]
 
 
-def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1,
-                    steps: int = 3, compiled: bool = False) -> tuple[float, float, float]:
+def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1, steps: int = 3,
+                    compiled: bool = False, paths: tuple[bool, ...] = (False,)) -> dict[bool, tuple[float, float, float]]:
     """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
     adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB, and
-    the seconds of the first step. compiled: torch.compile each block first (the first step then
-    pays the compilation; blocks share one compiled graph)."""
+    the seconds of the first step, for each attention path in `paths` (fused_kernel_on_cpu's flag).
+    Two paths are timed step by step in turn, so that the machine's drift hits both alike.
+    compiled: torch.compile each block first (the first step then pays the compilation; blocks
+    share one compiled graph)."""
     examples = windows(tok, T, batch)
     cfg = TrainConfig(dtype=dtype, grad_checkpoint=checkpointing, batch=batch)
     gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
@@ -112,20 +114,23 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
         torch._inductor.config.force_disable_caches = True   # a cold compile, as on a user's first run
         torch._dynamo.reset()
     model.train()
+    first, seconds, peak = {}, {f: float("inf") for f in paths}, {f: 0.0 for f in paths}
     with compiled_blocks(model, compiled):       # what --compile does in lift.train_adapter
-        first = time.perf_counter()
-        batch_loss(model, examples, cfg)[0].backward()                       # warm-up
-        first = time.perf_counter() - first
-        sampler = RSSSampler().start()
-        seconds = float("inf")
-        for _ in range(steps):                   # best of a few steps, like the matmul rate
-            t = time.perf_counter()
-            batch_loss(model, examples, cfg)[0].backward()
-            seconds = min(seconds, time.perf_counter() - t)
-        start, peak = sampler.stop()
+        for turn in range((steps + 1) * len(paths)):     # a warm-up each, then the best of `steps`
+            fused = paths[turn % len(paths)]
+            with fused_kernel_on_cpu(fused):
+                sampler = RSSSampler().start()
+                t = time.perf_counter()
+                batch_loss(model, examples, cfg)[0].backward()
+                t = time.perf_counter() - t
+                start, top = sampler.stop()
+            if fused not in first:
+                first[fused] = t
+            else:
+                seconds[fused], peak[fused] = min(seconds[fused], t), max(peak[fused], top - start)
     model.eval()
     gated_memory.remove(model)
-    return T * batch / seconds, peak - start, first
+    return {f: (T * batch / seconds[f], peak[f], first[f]) for f in paths}
 
 
 @contextmanager
@@ -249,45 +254,8 @@ def qa_batch_rates(model, tok, dtype: str, n: int = 8, steps: int = 2) -> list[s
             f"{shared:.2f} s, {alone / shared:.1f}x | {tokens / shared:,.0f} | | |"]
 
 
-def top_operators(run, path: Path, rows: int = 20) -> str:
-    """Call run() once to warm up, then once under the profiler: the top operators by self CPU
-    time, as a table (also written to path)."""
-    from torch.profiler import ProfilerActivity, profile
-    run()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table)
-    return table
-
-
-def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
-    """The top operators of one training step with Gated Memory attached."""
-    examples = windows(tok, T, 1)
-    cfg = TrainConfig(dtype=dtype)
-    gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
-    model.train()
-    table = top_operators(lambda: batch_loss(model, examples, cfg)[0].backward(), out / f"profile_train_step_{T}.txt")
-    model.eval()
-    gated_memory.remove(model)
-    return table
-
-
-def profile_prefill(model, T: int, dtype: str, out: Path) -> str:
-    """The top operators of a T-token prefill, by each attention path."""
-    ids = torch.randint(100, model.cfg.vocab_size, (1, T))
-    tables = []
-    for fused in (False, True):
-        with torch.no_grad(), autocast(torch.device("cpu"), dtype), fused_kernel_on_cpu(fused):
-            name = f"profile_prefill_{T}" + ("_fused" if fused else "") + ".txt"
-            tables.append(f"prefill {T}, {'fused kernel' if fused else 'explicit by blocks'} ({name}):\n"
-                          + top_operators(lambda: model(ids), out / name, rows=10))
-    return "\n".join(tables)
-
-
-def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int,
-          profile_dir: str | None = None) -> None:
+def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int):
+    """Print the table; return the model and tokenizer (for profiling.py)."""
     from checkpoint import load_model
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -317,24 +285,25 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         print(answering_attention(model, T, dtype))
     eager = {}
     for T in train_lengths:
-        variants = ((1, False, False, False), (1, True, False, False), (4, False, False, False),
-                    (1, False, True, False), (4, False, True, False), (1, False, False, True))
-        first_only = {(4, False, False, False), (4, False, True, False)}   # batches: the first length only
-        for batch, ckpt, comp, fused in (v for v in variants if T == train_lengths[0] or v not in first_only):
-            with fused_kernel_on_cpu(fused):
-                rate, mb, first = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp)
-            flops = 2 * T * per_token + 3 * attention_flops(model, T)       # the 4N rule + attention
-            limit = peak / (flops / T)
-            what = (f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
-                    + (", fused attention kernel" if fused else ""))
-            if comp:       # compile time, and how many trained tokens it takes to pay it back
-                gain = 1 / eager[T, batch] - 1 / rate       # seconds saved per token, against eager at this batch
-                what += (f", torch.compile (first step {first:.0f} s; pays back after "
-                         + (f"{(first - T * batch / rate) / gain:,.0f} tokens)" if gain > 0 else "never)"))
-            elif not ckpt and not fused:
-                eager[T, batch] = rate
-            print(f"| LIFT training step, {what} | {rate:,.0f} | "
-                  f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
+        # (batch, checkpointing, compiled, attention paths): the eager step by both paths, step by step in turn
+        variants = [(1, False, False, (False, True)), (1, True, False, (False,)), (1, False, True, (False,))]
+        if T == train_lengths[0]:                                           # batches: the first length only
+            variants += [(4, False, False, (False,)), (4, False, True, (False,))]
+        for batch, ckpt, comp, paths in variants:
+            measured = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp, paths=paths)
+            for fused, (rate, mb, first) in measured.items():
+                flops = 2 * T * per_token + 3 * attention_flops(model, T)   # the 4N rule + attention
+                limit = peak / (flops / T)
+                what = (f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
+                        + (", fused attention kernel" if fused else "") + (" (paths in turn)" if len(paths) > 1 else ""))
+                if comp:   # compile time, and how many trained tokens it takes to pay it back
+                    gain = 1 / eager[T, batch] - 1 / rate   # seconds saved per token, against eager at this batch
+                    what += (f", torch.compile (first step {first:.0f} s; pays back after "
+                             + (f"{(first - T * batch / rate) / gain:,.0f} tokens)" if gain > 0 else "never)"))
+                elif not ckpt and not fused:
+                    eager[T, batch] = rate
+                print(f"| LIFT training step, {what} | {rate:,.0f} | "
+                      f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
         print(attention_paths(model, T, dtype))
     for row in default_loop_parts(model, tok, dtype):   # what a LIFT run's steps cost, anchor included
         print(row)
@@ -345,6 +314,4 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         out = generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)
         s = time.perf_counter() - t
     print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | | |")
-    if profile_dir:
-        print(profile_step(model, tok, train_lengths[0], dtype, Path(profile_dir)))
-        print(profile_prefill(model, lengths[-1], dtype, Path(profile_dir)))
+    return model, tok
