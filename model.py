@@ -49,8 +49,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None # {"rope_type": "llama3", "factor": ..., ...} or None
     tie_embeddings: bool = True         # output head shares the token embedding matrix
     max_seq_len: int = 8192             # max_position_embeddings: the context the model was trained for
-    fused_attention: bool = True        # True: F.scaled_dot_product_attention where it is the faster path
-                                        # (see CPU_FUSED); False: always the explicit reference math
+    fused_attention: bool = True        # the fused kernel where it is the faster path (fused_kernel); False: never
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -129,7 +128,6 @@ class KVCache:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # (B, H_kv, S_max, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H_kv, T, D) at positions start..start+T; return all keys/values so far."""
@@ -139,15 +137,19 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU the explicit math below was as fast as the fused kernel or faster at every length the
-# bench measures, forward (512, 2,048 tokens) and forward + backward (256, 1,024): NOTEBOOK.md,
-# "Attention by blocks of queries". So a CPU takes it, CUDA the kernel; the bench sets CPU_FUSED.
-CPU_FUSED = False
+# On a CPU in bf16 the explicit math below was as fast as the fused kernel or faster at every length
+# the bench measures, forward (512, 2,048 tokens) and forward + backward (256, 1,024); in fp32 level
+# or slower, timed in turn (NOTEBOOK.md, "Attention by blocks of queries", "The attention path by
+# dtype"). So a CPU takes it in bf16, the kernel in fp32; CUDA the kernel. The bench sets CPU_FUSED.
+CPU_FUSED: Optional[bool] = None
 QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 in a scratch comparison (a block's scores stay in cache)
 
 
-def fused_kernel(cfg: ModelConfig, device: torch.device) -> bool:
-    return cfg.fused_attention and (device.type != "cpu" or CPU_FUSED)   # else the explicit math
+def fused_kernel(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """F.scaled_dot_product_attention (True) or explicit_attention (False), for q of this dtype."""
+    if cfg.fused_attention and device.type == "cpu":
+        return dtype == torch.float32 if CPU_FUSED is None else CPU_FUSED
+    return cfg.fused_attention
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -194,7 +196,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, start_pos: int = 0):
         """x: (B, T, C); cos, sin: (T, D); mask: additive (T, S) for the fused kernel after a cache,
-        else None (the explicit path builds its own, block by block). -> (B, T, C)"""
+        else None (the explicit path builds its own, block by block, and ignores it). -> (B, T, C)"""
         B, T, _ = x.shape
         H, H_kv, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.wq(x).view(B, T, H, D)                          # (B, T, H, D), before rotary embedding
@@ -205,7 +207,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, S, D)
         # Grouped-query attention: each key/value head serves n_rep consecutive query heads.
-        if fused_kernel(self.cfg, x.device):
+        if fused_kernel(self.cfg, q_rot.device, q_rot.dtype):    # the dtype attention computes in
             # Copies: on a CPU the kernel's own sharing (enable_gqa=True) was as fast at 256 tokens
             # and slower at 1,024, forward + backward (eval.py bench).
             k = k.repeat_interleave(self.cfg.n_rep, dim=1)       # (B, H, S, D)
@@ -280,9 +282,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)                                      # (B, T, C)
         cos, sin = rope_table(self.cfg, torch.arange(start_pos, start_pos + T, device=tokens.device))
         # The fused kernel's is_causal serves a plain prefix; after a cache it needs a mask, built once
-        # for all layers in the stream's dtype (0 and -inf are exact in bf16). The explicit path makes its own.
-        cached = start_pos > 0 and fused_kernel(self.cfg, tokens.device)
-        mask = causal_mask(T, start_pos + T, start_pos, tokens.device, x.dtype) if cached else None  # (T, S)
+        # for all layers (0 and -inf are exact in bf16). The explicit path makes its own and ignores it.
+        mask = causal_mask(T, start_pos + T, start_pos, tokens.device, x.dtype) if start_pos > 0 else None  # (T, S)
         for layer in self.layers:
             if grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
@@ -312,8 +313,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 256, *
     """Continue `prompt` (token ids). Greedy when temperature == 0, else temperature + nucleus
     sampling with a private generator seeded by `seed`. Stops after any id in stop_ids (which is
     not returned) or after max_new_tokens. on_token(id) is called for each new token as it comes."""
-    device = next(model.parameters()).device
-    dtype = model.tok_embeddings.weight.dtype
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     total = len(prompt) + max_new_tokens
     if total > model.cfg.max_seq_len:
         raise ConfigError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the model's "

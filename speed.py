@@ -114,7 +114,7 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
         torch._inductor.config.force_disable_caches = True   # a cold compile, as on a user's first run
         torch._dynamo.reset()
     model.train()
-    first, seconds, peak = {}, {f: float("inf") for f in paths}, {f: 0.0 for f in paths}
+    first, seconds, peak, base = {}, {f: float("inf") for f in paths}, {f: 0.0 for f in paths}, None
     with compiled_blocks(model, compiled):       # what --compile does in lift.train_adapter
         for turn in range((steps + 1) * len(paths)):     # a warm-up each, then the best of `steps`
             fused = paths[turn % len(paths)]
@@ -126,8 +126,9 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
                 start, top = sampler.stop()
             if fused not in first:
                 first[fused] = t
-            else:
-                seconds[fused], peak[fused] = min(seconds[fused], t), max(peak[fused], top - start)
+            else:              # memory above what it was when the measured steps began, the warm-ups' kept
+                base = start if base is None else base
+                seconds[fused], peak[fused] = min(seconds[fused], t), max(peak[fused], top - base)
     model.eval()
     gated_memory.remove(model)
     return {f: (T * batch / seconds[f], peak[f], first[f]) for f in paths}

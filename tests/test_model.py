@@ -58,14 +58,18 @@ def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cac
     assert (out[False][3] - out[False][0]).abs().max().item() <= 1e-5      # nor does answering without autograd
 
 
-def test_a_cpu_takes_the_explicit_path_and_cuda_the_fused_kernel():
+def test_a_cpu_takes_the_explicit_path_in_bf16_the_kernel_in_fp32_and_cuda_always_the_kernel(monkeypatch):
+    import model as model_module
     from model import fused_kernel
     cfg = tiny_model().cfg
     cfg.fused_attention = True
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not fused_kernel(cfg, cpu) and fused_kernel(cfg, cuda)
+    cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    assert not fused_kernel(cfg, cpu, bf16) and fused_kernel(cfg, cpu, fp32)
+    assert fused_kernel(cfg, cuda, bf16) and fused_kernel(cfg, cuda, fp32)
+    monkeypatch.setattr(model_module, "CPU_FUSED", False)             # the bench forces a path on a CPU
+    assert not fused_kernel(cfg, cpu, fp32) and fused_kernel(cfg, cuda, bf16)
     cfg.fused_attention = False                                        # the flag can always ask for the explicit math
-    assert not fused_kernel(cfg, cpu) and not fused_kernel(cfg, cuda)
+    assert not any(fused_kernel(cfg, d, t) for d in (cpu, cuda) for t in (bf16, fp32))
 
 
 @pytest.mark.parametrize("fused", [False, True])
