@@ -10,9 +10,10 @@ training step on a frozen base needs the forward pass and the gradients of the a
 the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
 backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
 left out, so the fraction slightly understates the work done.
-The "fused attention kernel" and "attention of one layer" rows time the attention paths model.py
-chooses between: the explicit math by blocks of queries (a CPU's, and its two branches), the
-fused kernel (CUDA's). The "default loop step" rows time what a LIFT run does per window, by part:
+The "explicit attention", "fused attention kernel" and "attention of one layer" rows time the
+attention paths model.py chooses between, in turn: the explicit math by blocks of queries (a CPU's
+in bf16, and its two branches), the fused kernel (CUDA's, and a CPU's in fp32); the other rows take
+model.py's choice. The "default loop step" rows time what a LIFT run does per window, by part:
 the window, the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
 The "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
 --qa-batch (their shared truncated document run once per batch: compute.SharedPrefix).
@@ -281,7 +282,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                     best[fused] = min(best[fused], time.perf_counter() - t)
         flops = T * per_token + attention_flops(model, T)
         for fused, s in best.items():
-            print(f"| prefill {T}{', fused attention kernel' if fused else ''} (best of 3) | {T / s:,.0f} | "
+            print(f"| prefill {T}, {'fused attention kernel' if fused else 'explicit attention'} (in turn, best of 3) | {T / s:,.0f} | "
                   f"{100 * flops / s / peak:.0f}% | |")
         print(answering_attention(model, T, dtype))
     eager = {}
@@ -296,7 +297,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                 flops = 2 * T * per_token + 3 * attention_flops(model, T)   # the 4N rule + attention
                 limit = peak / (flops / T)
                 what = (f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
-                        + (", fused attention kernel" if fused else "") + (" (paths in turn)" if len(paths) > 1 else ""))
+                        + ((", fused attention kernel" if fused else ", explicit attention") + " (in turn)" if len(paths) > 1 else ""))
                 if comp:   # compile time, and how many trained tokens it takes to pay it back
                     gain = 1 / eager[T, batch] - 1 / rate   # seconds saved per token, against eager at this batch
                     what += (f", torch.compile (first step {first:.0f} s; pays back after "
