@@ -316,4 +316,6 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         out = generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)
         s = time.perf_counter() - t
     print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | | |")
+    print(f"matmul 2048^3 again, at the end: {matmul_rate(getattr(torch, dtype)) / 1e9:.1f} GFLOP/s (the fractions above "
+          f"use {peak / 1e9:.1f}; if the two differ much, the machine drifted during the run)")
     return model, tok
