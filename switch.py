@@ -16,16 +16,22 @@ answered with the adapter off: LIFT answers as the base model, LIFT+ICL as ICL, 
 So the gate still decides, as in the paper, but per question and exactly.
 
 Not in arXiv 2502.14644. It needs no training and changes no adapter; it costs one forward pass
-over each prompt, and the threshold's 48 passes once per adapter and prompt form.
+over each prompt, and the threshold's 48 passes once per adapter and prompt form: train.py keeps
+the thresholds beside the adapter's file, so a question asked in a new process skips them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 import gated_memory
+from checkpoint import tensors_digest
 from compute import autocast
 from data import anchor_questions, question_messages
 from model import KVCache
@@ -67,14 +73,18 @@ def question_gate(model, tok, question: str, context: Optional[str], dtype: str)
     return recorded(model, ids, dtype)[0][:, first:last].mean().item()
 
 
+def threshold_key(context: Optional[str], dtype: str) -> str:
+    """The name a threshold is kept under: the prompt form and the dtype (a string, for JSON)."""
+    return f"{dtype} " + ("no document" if context is None else hashlib.sha256(context.encode()).hexdigest()[:16])
+
+
 def threshold(model, tok, context: Optional[str], dtype: str) -> float:
     """The highest question gate among the anchor's unrelated prompts, in this prompt form
     (computed once per adapter, prompt form and dtype, then kept on the adapter). The prompts
     share everything before the question (with LIFT+ICL, the truncated document): that part runs
     once, into a KV cache, and each prompt's own tokens run after it (48 short passes, not 48
     passes over the document)."""
-    memo = gated_memory.adapters(model)[0].switch_thresholds
-    key = (context, dtype)
+    memo, key = gated_memory.adapters(model)[0].switch_thresholds, threshold_key(context, dtype)
     if key not in memo:
         spans = [question_span(tok, q, context) for q in anchor_questions()]
         common = len(os.path.commonprefix([ids for ids, _, _ in spans]))      # (it compares lists too)
@@ -102,3 +112,37 @@ def switch_decision(model) -> Optional[dict]:
     """The last answer's decision ({gate, threshold, adapter_used}), if the switch made one."""
     memories = gated_memory.adapters(model)
     return memories[0].switch_last if memories else None
+
+
+def thresholds_file(adapter_path: str) -> Path:
+    return Path(adapter_path).with_suffix(".switch.json")
+
+
+def load_thresholds(model, adapter_path: str) -> None:
+    """Take the thresholds an earlier process computed for this very adapter (the checksum of its
+    tensors), if its file has them beside it; anything else there is ignored, and computed again."""
+    memories, path = gated_memory.adapters(model), thresholds_file(adapter_path)
+    if memories and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if saved.get("adapter") == tensors_digest(gated_memory.adapter_state_dict(model)):
+            memories[0].switch_thresholds.update(saved.get("thresholds", {}))
+
+
+def save_thresholds(model, adapter_path: str) -> None:
+    """Keep the thresholds computed so far beside the adapter's file (written whole, then renamed
+    into place); a file that cannot be written only costs the next process the 48 passes."""
+    memories, path = gated_memory.adapters(model), thresholds_file(adapter_path)
+    if not memories or not memories[0].switch_thresholds:
+        return
+    saved = {"adapter": tensors_digest(gated_memory.adapter_state_dict(model)),
+             "thresholds": memories[0].switch_thresholds}
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adapter-", suffix=".tmp")   # cache.py clears stale ones
+        with os.fdopen(fd, "w") as f:
+            json.dump(saved, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass

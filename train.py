@@ -27,7 +27,7 @@ from distill import RECIPE_HELP, RECIPES, show_study
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args, recipe_defaults
-from switch import switch_decision
+from switch import load_thresholds, save_thresholds, switch_decision
 
 
 def parser(argv=None) -> argparse.ArgumentParser:
@@ -112,19 +112,24 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
     for q in ask:                                                # before training, not after
         checked_prompt(base, tok, q, doc_ids, mode, data_cfg.context, max_new_tokens)
     adapter_cfg = adapter_config("lora" if lora_rank else "gated_memory", lora_rank, GatedMemoryConfig(head_lora=head_lora))
+    adapter_file = None
     if mode != "icl":
         result = absorb_cached(base, tok, text, data_cfg=data_cfg, adapter_cfg=adapter_cfg,
                                train_cfg=train_cfg, qa=pairs, synth=synth_qa, adapter_path=adapter,
                                use_cache=not no_cache, init=init, progress=not quiet)
-        state["saved"] = result.path
+        state["saved"] = adapter_file = result.path
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
         print(f"{result.summary()}; peak memory (RSS) {peak_gb:.2f} GB", file=sys.stderr)
+        if switch and adapter_file:
+            load_thresholds(base, adapter_file)                  # an earlier process's, for this adapter
 
     def respond(q: str):
         print(f"Q: {q}\nA: ", end="", flush=True)
         answer(base, tok, q, doc_ids, mode=mode, context=data_cfg.context, max_new_tokens=max_new_tokens,
                dtype=train_cfg.dtype, switch=switch, stream=lambda s: print(s, end="", flush=True))
         print()
+        if switch and adapter_file:
+            save_thresholds(base, adapter_file)                  # the next process skips the 48 passes
         if switch and mode != "icl" and (decided := switch_decision(base)):
             print(f"(switch: the question's mean gate {decided['gate']:.4f} "
                   + ("> " if decided["adapter_used"] else "≤ ")

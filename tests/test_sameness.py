@@ -5,6 +5,7 @@ import torch
 
 import gated_memory as gm
 import sameness
+import switch
 from checkpoint import load_model
 from data import truncate_middle
 
@@ -67,7 +68,8 @@ def test_with_the_switch_a_question_that_opens_no_gate_gets_the_base_reply(tiny_
     for a in gm.adapters(model):
         a.force_gate = 1.0                                     # every question opens the gate fully
     context = truncate_middle(tok.encode(DOC["document"]), 32, tok)                   # LIFT+ICL's, at budget 32
-    gm.adapters(model)[0].switch_thresholds.update({(None, "float32"): 1.0, (context, "float32"): 0.5})
+    gm.adapters(model)[0].switch_thresholds.update({switch.threshold_key(None, "float32"): 1.0,
+                                                    switch.threshold_key(context, "float32"): 0.5})
     ask = lambda path: sameness.general_ability(model, tok, DOC, tok.encode(DOC["document"]), GENERAL, 32, "float32",
                                                 tmp_path / path, "gm", switch=True)
     out = ask("a.jsonl")

@@ -1,5 +1,7 @@
 """--switch (switch.py): the gate, read once per question, decides whether Gated Memory answers at
 all; when it does not, the reply is exactly the base model's."""
+import json
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def test_the_threshold_is_the_most_open_anchor_prompt_in_each_prompt_form(tiny_d
     assert switch.threshold(model, tok, context, "float32") == pytest.approx(max(gates), rel=1e-5)
     gates = [switch.question_gate(model, tok, q, None, "float32") for q in anchor_questions()]
     assert switch.threshold(model, tok, None, "float32") == pytest.approx(max(gates), rel=1e-5)   # via the shared prefix
-    assert set(gm.adapters(model)[0].switch_thresholds) == {(None, "float32"), (context, "float32")}   # kept
+    assert len(gm.adapters(model)[0].switch_thresholds) == 2                   # kept, one per prompt form
 
 
 def test_a_question_below_the_threshold_gets_the_base_models_reply(tiny_dir):
@@ -64,9 +66,9 @@ def test_a_question_below_the_threshold_gets_the_base_models_reply(tiny_dir):
         assert plain != base                              # the memory changes this reply
         context = None if mode == "lift" else truncate_middle(doc, 48, tok)
         gate = switch.question_gate(model, tok, question, context, "float32")
-        memories[0].switch_thresholds[(context, "float32")] = gate          # the question opens it no more than that
+        memories[0].switch_thresholds[switch.threshold_key(context, "float32")] = gate          # the question opens it no more than that
         assert ask(mode, True) == base and memories[0].switch_last["adapter_used"] is False
-        memories[0].switch_thresholds[(context, "float32")] = gate - 1e-3   # now it opens it more
+        memories[0].switch_thresholds[switch.threshold_key(context, "float32")] = gate - 1e-3   # now it opens it more
         assert ask(mode, True) == plain and memories[0].switch_last["adapter_used"] is True
 
 
@@ -79,3 +81,31 @@ def test_an_adapter_without_a_gate_always_answers(tiny_dir):
     doc = tok.encode(TEXT)
     ask = lambda s: answer(model, tok, "What came?", doc, mode="lift", context=48, max_new_tokens=8, switch=s)
     assert ask(True) == ask(False) != answer(model, tok, "What came?", doc, mode="closed", context=48, max_new_tokens=8)
+
+
+def test_the_thresholds_are_kept_beside_the_adapter_for_the_next_process_and_only_for_that_adapter(
+        tiny_dir, tmp_path, capsys, monkeypatch):
+    """train.py writes the switch's thresholds next to the cached adapter; a second call (a new
+    process in real use, the same train.cli here) reads them instead of the 48 passes, and prints
+    the same decision. A file whose checksum names another adapter is ignored."""
+    import train
+    doc = tmp_path / "d.txt"
+    doc.write_text(TEXT * 2)
+    args = ["--doc", str(doc), "--ask", "What came?", "--model", str(tiny_dir), "--window", "32", "--context", "48",
+            "--epochs", "1", "--dtype", "float32", "--max-new-tokens", "3", "--quiet"]
+    assert train.cli(args) == 0
+    first = capsys.readouterr()
+    kept = list((tmp_path / "cache").glob("*.switch.json"))
+    assert len(kept) == 1 and "(switch: " in first.err
+    passes = []
+    real = switch.recorded
+    monkeypatch.setattr(switch, "recorded", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert train.cli(args) == 0
+    second = capsys.readouterr()
+    assert len(passes) == 1 and "no training" in second.err          # the question's own pass only
+    assert second.out == first.out and second.err.splitlines()[-1] == first.err.splitlines()[-1]
+    saved = json.loads(kept[0].read_text())
+    kept[0].write_text(json.dumps({**saved, "adapter": "another adapter's checksum"}))
+    passes.clear()
+    assert train.cli(args) == 0
+    assert len(passes) == 1 + len(anchor_questions()) + 1 and capsys.readouterr().out == first.out
