@@ -181,6 +181,7 @@ def parser(argv=None) -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=64)
     b.add_argument("--profile", default=None, help="folder for profiles (top operators) of one training step "
                    "and of the longest prefill, by attention path")
+    b.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (each compiles for a minute)")
 
     g = sub.add_parser("generate", help="write a generated benchmark (invented facts, or needles)")
     g.add_argument("--kind", choices=["facts", "needle"], default="facts")
@@ -258,7 +259,8 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, torch.device("cpu")) if hasattr(args, "dtype") else None
         if args.cmd == "bench":
             from speed import bench
-            model, tok = bench(args.model, dtype, args.lengths, args.train_lengths, args.decode_tokens)
+            model, tok = bench(args.model, dtype, args.lengths, args.train_lengths, args.decode_tokens,
+                               compile_too=not args.no_compile)
             if args.profile:
                 from profiling import write_profiles
                 write_profiles(model, tok, args.train_lengths[0], args.lengths[-1], dtype, Path(args.profile))

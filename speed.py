@@ -2,6 +2,7 @@
 
     python eval.py bench                  matmul rates, prefill, the LIFT training step, decode
     python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill (profiling.py)
+    python eval.py bench --no-compile     without the torch.compile rows, minutes shorter
 
 Machines differ from session to session, so every speed is also given as a fraction of a rate
 measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a 2048³
@@ -185,7 +186,7 @@ def answering_attention(model, T: int, dtype: str, reps: int = 7) -> str:
     return f"| attention of one layer over {T} tokens, forward: in place {a:.1f} ms, mask copied {b:.1f} ms | | | |"
 
 
-def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) -> list[str]:
+def default_loop_parts(model, tok, dtype: str, compile_too: bool = True, steps: int = 8, warmup: int = 4) -> list[str]:
     """Seconds per step of the default loop on the example document, by part: the window's forward
     and backward, the anchor's KL (the frozen base's forward, the adapted forward and backward on
     an unrelated example, lift.anchor_loss), the clip and AdamW step; eager, then with
@@ -198,7 +199,7 @@ def default_loop_parts(model, tok, dtype: str, steps: int = 8, warmup: int = 4) 
     opt = torch.optim.AdamW(params, lr=1e-3)
     model.train()
     rows = []
-    for comp in (False, True):
+    for comp in (False, True) if compile_too else (False,):
         cfg = TrainConfig(dtype=dtype, compile=comp)
         with compiled_blocks(model, comp):
             parts = torch.zeros(3)
@@ -256,8 +257,10 @@ def qa_batch_rates(model, tok, dtype: str, n: int = 8, steps: int = 2) -> list[s
             f"{shared:.2f} s, {alone / shared:.1f}x | {tokens / shared:,.0f} | | |"]
 
 
-def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int):
-    """Print the table; return the model and tokenizer (for profiling.py)."""
+def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths: list[int], decode_tokens: int,
+          compile_too: bool = True):
+    """Print the table; return the model and tokenizer (for profiling.py). compile_too=False leaves
+    out the torch.compile rows (each compiles for a minute)."""
     from checkpoint import load_model
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -282,8 +285,8 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                     best[fused] = min(best[fused], time.perf_counter() - t)
         flops = T * per_token + attention_flops(model, T)
         for fused, s in best.items():
-            print(f"| prefill {T}, {'fused attention kernel' if fused else 'explicit attention'} (in turn, best of 3) | {T / s:,.0f} | "
-                  f"{100 * flops / s / peak:.0f}% | |")
+            path = "fused attention kernel" if fused else "explicit attention"
+            print(f"| prefill {T}, {path} (in turn, best of 3) | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
         print(answering_attention(model, T, dtype))
     eager = {}
     for T in train_lengths:
@@ -291,13 +294,14 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         variants = [(1, False, False, (False, True)), (1, True, False, (False,)), (1, False, True, (False,))]
         if T == train_lengths[0]:                                           # batches: the first length only
             variants += [(4, False, False, (False,)), (4, False, True, (False,))]
-        for batch, ckpt, comp, paths in variants:
+        for batch, ckpt, comp, paths in (v for v in variants if compile_too or not v[2]):
             measured = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp, paths=paths)
             for fused, (rate, mb, first) in measured.items():
                 flops = 2 * T * per_token + 3 * attention_flops(model, T)   # the 4N rule + attention
                 limit = peak / (flops / T)
+                path = (", fused attention kernel" if fused else ", explicit attention") + " (in turn)"
                 what = (f"ℓ = {T}" + (f", batch {batch}" if batch > 1 else "") + (", checkpointing" if ckpt else "")
-                        + ((", fused attention kernel" if fused else ", explicit attention") + " (in turn)" if len(paths) > 1 else ""))
+                        + (path if len(paths) > 1 else ""))
                 if comp:   # compile time, and how many trained tokens it takes to pay it back
                     gain = 1 / eager[T, batch] - 1 / rate   # seconds saved per token, against eager at this batch
                     what += (f", torch.compile (first step {first:.0f} s; pays back after "
@@ -307,7 +311,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                 print(f"| LIFT training step, {what} | {rate:,.0f} | "
                       f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
         print(attention_paths(model, T, dtype))
-    for row in default_loop_parts(model, tok, dtype):   # what a LIFT run's steps cost, anchor included
+    for row in default_loop_parts(model, tok, dtype, compile_too):   # what a LIFT run's steps cost, anchor included
         print(row)
     for row in qa_batch_rates(model, tok, dtype):       # QA examples, and their shared prompt
         print(row)

@@ -109,6 +109,25 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     assert len((out / "records.jsonl").read_text().splitlines()) == len(lines)
 
 
+def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, tmp_path, capsys):
+    """`eval.py bench` on a tiny model, without the compile rows: every row it promises, the two
+    attention paths side by side, fractions of the measured product rate, and the profiles."""
+    import eval as ev
+    assert ev.main(["bench", "--model", str(tiny_dir), "--dtype", "float32", "--lengths", "48", "--train-lengths",
+                    "32", "--decode-tokens", "2", "--no-compile", "--profile", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    for what in ("prefill 48, explicit attention", "prefill 48, fused attention kernel",
+                 "ℓ = 32, explicit attention (in turn)", "ℓ = 32, fused attention kernel (in turn)",
+                 "ℓ = 32, checkpointing", "ℓ = 32, batch 4", "default loop step:", "--qa-batch 8", "decode 2 tokens"):
+        assert sum(what in r for r in rows) == 1, what
+    assert not any("torch.compile" in r or "--compile" in r for r in rows)
+    assert all(0 < float(r.split("|")[3].split("%")[0]) < 1000 for r in rows if "training step" in r)
+    assert "matmul 2048^3 again" in out
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile_train_step_32.txt", "profile_prefill_48.txt",
+                                                          "profile_prefill_48_fused.txt"}
+
+
 def test_cost_sweep_measures_both_methods_fits_and_plots(tiny_dir, tmp_path):
     import eval as ev
     out = tmp_path / "cost"
