@@ -26,6 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +102,11 @@ def windows(tok, T: int, n: int) -> list:
 
 
 def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1, steps: int = 3,
-                    compiled: bool = False, paths: tuple[bool, ...] = (False,)) -> dict[bool, tuple[float, float, float]]:
+                    compiled: bool = False, paths: tuple = (None,)) -> dict[Optional[bool], tuple[float, float, float]]:
     """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
     adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB, and
-    the seconds of the first step, for each attention path in `paths` (fused_kernel_on_cpu's flag).
+    the seconds of the first step, for each attention path in `paths` (fused_kernel_on_cpu's flag;
+    None: model.py's choice).
     Two paths are timed step by step in turn, so that the machine's drift hits both alike.
     compiled: torch.compile each block first (the first step then pays the compilation; blocks
     share one compiled graph)."""
@@ -137,9 +139,9 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
 
 
 @contextmanager
-def fused_kernel_on_cpu(on: bool):
-    """Inside, a CPU takes the fused attention kernel if `on` (model.CPU_FUSED), to time what the
-    explicit path saves."""
+def fused_kernel_on_cpu(on: Optional[bool]):
+    """Inside, a CPU takes the fused attention kernel if `on`, the explicit path if not, and
+    model.py's choice by dtype if None (model.CPU_FUSED)."""
     saved = model_module.CPU_FUSED
     model_module.CPU_FUSED = on
     try:
@@ -288,12 +290,12 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
             path = "fused attention kernel" if fused else "explicit attention"
             print(f"| prefill {T}, {path} (in turn, best of 3) | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
         print(answering_attention(model, T, dtype))
-    eager = {}
+    eager, chosen = {}, model_module.fused_kernel(model.cfg, dev, getattr(torch, dtype))
     for T in train_lengths:
         # (batch, checkpointing, compiled, attention paths): the eager step by both paths, step by step in turn
-        variants = [(1, False, False, (False, True)), (1, True, False, (False,)), (1, False, True, (False,))]
+        variants = [(1, False, False, (False, True)), (1, True, False, (None,)), (1, False, True, (None,))]
         if T == train_lengths[0]:                                           # batches: the first length only
-            variants += [(4, False, False, (False,)), (4, False, True, (False,))]
+            variants += [(4, False, False, (None,)), (4, False, True, (None,))]
         for batch, ckpt, comp, paths in (v for v in variants if compile_too or not v[2]):
             measured = train_step_rate(model, tok, T, dtype, ckpt, batch, compiled=comp, paths=paths)
             for fused, (rate, mb, first) in measured.items():
@@ -306,7 +308,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                     gain = 1 / eager[T, batch] - 1 / rate   # seconds saved per token, against eager at this batch
                     what += (f", torch.compile (first step {first:.0f} s; pays back after "
                              + (f"{(first - T * batch / rate) / gain:,.0f} tokens)" if gain > 0 else "never)"))
-                elif not ckpt and not fused:
+                elif not ckpt and fused in (None, chosen):   # eager, on the path model.py takes
                     eager[T, batch] = rate
                 print(f"| LIFT training step, {what} | {rate:,.0f} | "
                       f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
