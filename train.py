@@ -56,7 +56,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
                         "ablation baseline; with --distill it is what answered facts outside the budget "
                         "at this scale: results/NOTEBOOK.md, \"Each adapter at its best learning rate\"). 0: Gated Memory")
     p.add_argument("--adapter", default=None, help="adapter file: loaded if it exists (and was trained on this "
-                                                   "document with these settings), else trained and saved there")
+                                                   "document with these settings), else trained and saved there; "
+                                                   "the switch keeps its thresholds beside it (NAME.switch.json)")
     p.add_argument("--init", default=None, help="start LIFT from this initialisation (made by `train.py sft`)")
     p.add_argument("--no-cache", action="store_true", help="always train; do not read or write the adapter cache")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
