@@ -10,20 +10,21 @@ product). Prefill needs 2 FLOPs per weight per token (forward), plus causal atte
 training step on a frozen base needs the forward pass and the gradients of the activations, not of
 the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
 backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
-left out, so the fraction slightly understates the work done.
+left out, so the fraction slightly understates the work done. "The step's matrix products alone"
+times just those 4N FLOPs at the step's own shapes: the part of the gap that is not overhead.
 The "explicit attention", "fused attention kernel" and "attention of one layer" rows time the
 attention paths model.py chooses between, in turn: the explicit math by blocks of queries (a CPU's
 in bf16, and its two branches), the fused kernel (CUDA's, and a CPU's in fp32); the other rows take
 model.py's choice. The "default loop step" rows time what a LIFT run does per window, by part:
 the window, the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
 The "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
---qa-batch (their shared truncated document run once per batch: compute.SharedPrefix).
-"""
+--qa-batch (their shared truncated document once per batch: compute.SharedPrefix)."""
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -87,6 +88,26 @@ def weight_flops(model) -> int:
     if model.output is not None:
         n -= model.tok_embeddings.weight.numel()       # untied: the lookup table does no matmul
     return 2 * n
+
+
+def step_products(model, rows: int, dtype: str, reps: int = 3) -> float:
+    """FLOP/s of the training step's own matrix products alone, on random tensors (best of `reps`):
+    every weight's forward product of `rows` tokens and its input gradient (a frozen weight needs no
+    weight gradient). Against the 2048³ rate: how much of the step's gap to the 4N limit is the
+    products' own speed at these shapes, and how much is everything else."""
+    dt, flops, seconds = getattr(torch, dtype), 0.0, 0.0
+    shapes = Counter(tuple(p.shape) for name, p in model.named_parameters()     # a tied embedding is the head
+                     if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
+                     and (name != "tok_embeddings.weight" or model.output is None))
+    for (n, k), count in shapes.items():
+        x, w, dy = torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(rows, n, dtype=dt)
+        times = []
+        for _ in range(reps + 1):                   # a warm-up, then the best of reps
+            t = time.perf_counter()
+            F.linear(x, w), dy @ w
+            times.append(time.perf_counter() - t)
+        flops, seconds = flops + count * 4 * rows * n * k, seconds + count * min(times[1:])
+    return flops / seconds
 
 
 def attention_flops(model, T: int) -> int:
@@ -268,8 +289,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
     t = time.perf_counter()
     model, tok = load_model(model_name, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t
-    dev = torch.device("cpu")
-    peak = matmul_rate(getattr(torch, dtype))      # only the compute dtype: emulated bf16 takes minutes
+    dev, peak = torch.device("cpu"), matmul_rate(getattr(torch, dtype))   # only the compute dtype: emulated bf16 takes minutes
     print(f"machine: {torch.get_num_threads()} CPU threads, {torch.backends.cpu.get_cpu_capability()}, torch "
           f"{torch.__version__}; matmul 2048^3 in {dtype}: {peak / 1e9:.1f} GFLOP/s (best of 3)")
     print(f"model: {model.name}, weights {dtype}, loaded in {load_s:.1f}s")
@@ -312,6 +332,9 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
                     eager[T, batch] = rate
                 print(f"| LIFT training step, {what} | {rate:,.0f} | "
                       f"{100 * rate / limit:.0f}% (limit {limit:,.0f} tokens/s) | {mb:,.0f} |")
+        rate = step_products(model, T, dtype)     # the step's gap: the products' speed here, or the rest
+        print(f"| the step's matrix products alone, ℓ = {T} (each weight forward and backward) | "
+              f"{rate / (2 * per_token):,.0f} | {100 * rate / peak:.0f}% ({rate / 1e9:.0f} GFLOP/s) | |")
         print(attention_paths(model, T, dtype))
     for row in default_loop_parts(model, tok, dtype, compile_too):   # what a LIFT run's steps cost, anchor included
         print(row)

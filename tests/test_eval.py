@@ -119,10 +119,13 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     for what in ("prefill 48, explicit attention", "prefill 48, fused attention kernel",
                  "ℓ = 32, explicit attention (in turn)", "ℓ = 32, fused attention kernel (in turn)",
-                 "ℓ = 32, checkpointing", "ℓ = 32, batch 4", "default loop step:", "--qa-batch 8", "decode 2 tokens"):
+                 "ℓ = 32, checkpointing", "ℓ = 32, batch 4", "default loop step:", "--qa-batch 8", "decode 2 tokens",
+                 "matrix products alone, ℓ = 32"):
         assert sum(what in r for r in rows) == 1, what
     assert not any("torch.compile" in r or "--compile" in r for r in rows)
     assert all(0 < float(r.split("|")[3].split("%")[0]) < 1000 for r in rows if "training step" in r)
+    rate = lambda what: float(next(r for r in rows if what in r).split("|")[2].replace(",", ""))
+    assert rate("matrix products alone, ℓ = 32") > rate("ℓ = 32, explicit attention")   # the products are part of the step
     assert "matmul 2048^3 again" in out
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile_train_step_32.txt", "profile_prefill_48.txt",
                                                           "profile_prefill_48_fused.txt"}
