@@ -81,33 +81,33 @@ class RSSSampler:
         return self.first, max(self.peak, self._rss_mb())
 
 
+def weight_shapes(model) -> Counter:
+    """(out, in) of every weight matrix a token is multiplied by, counted: each block's projections
+    and the output head (a tied embedding is the head; an untied one is a lookup, no product)."""
+    return Counter(tuple(p.shape) for name, p in model.named_parameters()
+                   if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
+                   and (name != "tok_embeddings.weight" or model.output is None))
+
+
 def weight_flops(model) -> int:
-    """2 FLOPs per weight per token for one forward pass (the embedding lookup is free; a tied
-    embedding still costs its matmul as the output head)."""
-    n = sum(p.numel() for name, p in model.named_parameters() if "head_adapter" not in name and "lora" not in name)
-    if model.output is not None:
-        n -= model.tok_embeddings.weight.numel()       # untied: the lookup table does no matmul
-    return 2 * n
+    """2 FLOPs per weight per token for one forward pass."""
+    return 2 * sum(count * n * k for (n, k), count in weight_shapes(model).items())
 
 
 def step_products(model, rows: int, dtype: str, reps: int = 3) -> float:
-    """FLOP/s of the training step's own matrix products alone, on random tensors (best of `reps`):
-    every weight's forward product of `rows` tokens and its input gradient (a frozen weight needs no
-    weight gradient). Against the 2048³ rate: how much of the step's gap to the 4N limit is the
-    products' own speed at these shapes, and how much is everything else."""
-    dt, flops, seconds = getattr(torch, dtype), 0.0, 0.0
-    shapes = Counter(tuple(p.shape) for name, p in model.named_parameters()     # a tied embedding is the head
-                     if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
-                     and (name != "tok_embeddings.weight" or model.output is None))
-    for (n, k), count in shapes.items():
+    """FLOP/s of the step's own products alone (best of `reps`): each weight's forward product of `rows`
+    tokens and its input gradient (frozen: no weight gradient). Against the 2048³ rate: how much of the
+    step's gap to the 4N limit is the products' speed at these shapes, and how much everything else."""
+    dt, seconds = getattr(torch, dtype), 0.0
+    for (n, k), count in weight_shapes(model).items():
         x, w, dy = torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(rows, n, dtype=dt)
         times = []
         for _ in range(reps + 1):                   # a warm-up, then the best of reps
             t = time.perf_counter()
             F.linear(x, w), dy @ w
             times.append(time.perf_counter() - t)
-        flops, seconds = flops + count * 4 * rows * n * k, seconds + count * min(times[1:])
-    return flops / seconds
+        seconds += count * min(times[1:])
+    return 2 * rows * weight_flops(model) / seconds
 
 
 def attention_flops(model, T: int) -> int:

@@ -3,6 +3,7 @@ and a tiny end-to-end run that writes records, a table and plots, and resumes.""
 import json
 
 import pytest
+import torch
 
 import benchmarks as bm
 from conftest import build_tokenizer
@@ -129,6 +130,21 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     assert "matmul 2048^3 again" in out
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile_train_step_32.txt", "profile_prefill_48.txt",
                                                           "profile_prefill_48_fused.txt"}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_flops_count_every_product_a_token_meets_and_only_those(tied):
+    """The 4N limit's N: every nn.Linear of the blocks, plus the output head (the tied embedding, or the
+    untied output layer, whose embedding is then a lookup), not the norms; an attached adapter not."""
+    import gated_memory
+    import speed
+    from conftest import tiny_model
+    m = tiny_model(tie_embeddings=tied)
+    linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    expected = 2 * (linear + (m.tok_embeddings.weight.numel() if tied else 0))
+    gated_memory.attach(m, gated_memory.GatedMemoryConfig(), seed=0)
+    assert speed.weight_flops(m) == expected
+    assert sum(speed.weight_shapes(m).values()) == 7 * m.cfg.n_layers + 1
 
 
 def test_cost_sweep_measures_both_methods_fits_and_plots(tiny_dir, tmp_path):
