@@ -11,7 +11,7 @@ training step on a frozen base needs the forward pass and the gradients of the a
 the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
 backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
 left out, so the fraction slightly understates the work done. "The step's matrix products alone"
-times just those 4N FLOPs at the step's own shapes: the part of the gap that is not overhead.
+times just those 4N FLOPs at the step's own shapes: the gap is theirs, or the other operators'.
 The "explicit attention", "fused attention kernel" and "attention of one layer" rows time the
 attention paths model.py chooses between, in turn: the explicit math by blocks of queries (a CPU's
 in bf16, and its two branches), the fused kernel (CUDA's, and a CPU's in fp32); the other rows take
