@@ -174,8 +174,9 @@ def cli(argv) -> int:
     args = p.parse_args(argv)
     train_cfg = from_args(TrainConfig, args)
     train_cfg.dtype = resolve_dtype(train_cfg.dtype, torch.device("cpu"))
+    sft_cfg, data_cfg = from_args(SFTConfig, args), from_args(DataConfig, args)   # bad settings fail before the load
     model, tok = load_model(args.model, dtype=getattr(torch, train_cfg.dtype))
-    stats = run_sft(model, tok, Path(args.out), from_args(SFTConfig, args), from_args(DataConfig, args), train_cfg,
+    stats = run_sft(model, tok, Path(args.out), sft_cfg, data_cfg, train_cfg,
                     corpus_dir=args.corpus, max_steps=args.max_steps, progress=not args.quiet)
     print(f"SFT: {stats['documents']} documents, {stats['steps']} steps, {stats['seconds']:.0f}s; "
           f"output in {args.out}", file=sys.stderr)

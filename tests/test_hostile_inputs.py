@@ -170,7 +170,12 @@ def test_gguf_without_llama_metadata_is_one_line(tmp_path):
         load_model(str(tmp_path / "m.gguf"))
 
 
-def test_sft_with_zero_documents_per_step_is_one_line(capsys, tmp_path):
+def test_sft_with_zero_documents_per_step_is_one_line_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    import checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
     code, _, err = run_cli(capsys, "sft", "--out", str(tmp_path / "s"), "--docs-per-step", "0")
     assert code == 2 and "at least 1" in err
 
