@@ -11,7 +11,7 @@ training step on a frozen base needs the forward pass and the gradients of the a
 the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
 backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
 left out, so the fraction slightly understates the work done. "The step's matrix products alone"
-times just those 4N FLOPs at the step's own shapes: the gap is theirs, or the other operators'.
+times just those 4N FLOPs on the model's own weights, in turn: the gap is theirs, or the rest's.
 The "explicit attention", "fused attention kernel" and "attention of one layer" rows time the
 attention paths model.py chooses between, in turn: the explicit math by blocks of queries (a CPU's
 in bf16, and its two branches), the fused kernel (CUDA's, and a CPU's in fp32); the other rows take
@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -81,33 +80,34 @@ class RSSSampler:
         return self.first, max(self.peak, self._rss_mb())
 
 
-def weight_shapes(model) -> Counter:
-    """(out, in) of every weight matrix a token is multiplied by, counted: each block's projections
+def step_weights(model) -> list:
+    """Every weight matrix a token is multiplied by, in the forward's order: each block's projections
     and the output head (a tied embedding is the head; an untied one is a lookup, no product)."""
-    return Counter(tuple(p.shape) for name, p in model.named_parameters()
-                   if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
-                   and (name != "tok_embeddings.weight" or model.output is None))
+    return [p for name, p in model.named_parameters()
+            if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
+            and (name != "tok_embeddings.weight" or model.output is None)]
 
 
 def weight_flops(model) -> int:
     """2 FLOPs per weight per token for one forward pass."""
-    return 2 * sum(count * n * k for (n, k), count in weight_shapes(model).items())
+    return 2 * sum(w.numel() for w in step_weights(model))
 
 
 def step_products(model, rows: int, dtype: str, reps: int = 3) -> float:
-    """FLOP/s of the step's own products alone (best of `reps`): each weight's forward product of `rows`
-    tokens and its input gradient (frozen: no weight gradient). Against the 2048³ rate: how much of the
-    step's gap to the 4N limit is the products' speed at these shapes, and how much everything else."""
-    dt, seconds = getattr(torch, dtype), 0.0
-    for (n, k), count in weight_shapes(model).items():
-        x, w, dy = torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(rows, n, dtype=dt)
-        times = []
-        for _ in range(reps + 1):                   # a warm-up, then the best of reps
-            t = time.perf_counter()
-            F.linear(x, w), dy @ w
-            times.append(time.perf_counter() - t)
-        seconds += count * min(times[1:])
-    return 2 * rows * weight_flops(model) / seconds
+    """FLOP/s of the step's own products alone (best of `reps`): each of the model's weights in turn, read from
+    memory as in the step, times `rows` tokens forward; then its input gradient (frozen: no weight gradient)."""
+    weights = [w.detach().to(getattr(torch, dtype)) for w in step_weights(model)]   # in bf16, copies (as autocast)
+    x = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}     # one input per width
+    dy = {w.shape[0]: torch.randn(rows, w.shape[0], dtype=w.dtype) for w in weights}
+    times = []
+    for _ in range(reps + 1):                       # a warm-up, then the best of reps
+        t = time.perf_counter()
+        for w in weights:
+            F.linear(x[w.shape[1]], w)
+        for w in reversed(weights):
+            dy[w.shape[0]] @ w
+        times.append(time.perf_counter() - t)
+    return 2 * rows * weight_flops(model) / min(times[1:])
 
 
 def attention_flops(model, T: int) -> int:
