@@ -81,8 +81,8 @@ class RSSSampler:
 
 
 def step_weights(model) -> list:
-    """Every weight matrix a token is multiplied by, in the forward's order: each block's projections
-    and the output head (a tied embedding is the head; an untied one is a lookup, no product)."""
+    """Every weight matrix a token is multiplied by, in the model's order (a tied head first): each block's
+    projections and the output head (a tied embedding is the head; an untied one is a lookup, no product)."""
     return [p for name, p in model.named_parameters()
             if p.dim() == 2 and "head_adapter" not in name and "lora" not in name
             and (name != "tok_embeddings.weight" or model.output is None)]
