@@ -93,6 +93,16 @@ def in_budget(pos: float | None, n_tokens: int, context: int) -> bool | None:
     return n_tokens <= context or t < context // 2 or t >= n_tokens - (context - context // 2)
 
 
+def evidence_window(ids: list[int], pos: float, context: int) -> list[int]:
+    """The `context` tokens of a document that hold a question's evidence: from a quarter of the
+    budget before where the evidence starts (fraction `pos` of the tokens), moved back inside the
+    document at its ends. eval.py's reading modes put it where ICL puts the head and tail: what
+    the model answers when what it needs is in front of it, the most that any memory of the
+    document could give back at this model's size."""
+    start = min(max(0, round(pos * len(ids)) - context // 4), max(0, len(ids) - context))
+    return ids[start:start + context]
+
+
 def read_benchmark(path: str) -> list[dict]:
     """Our format or LongBench's (detected per line), every line checked.
     Returns documents: {"id", "document", "questions": [{"question", "answers", "evidence_pos"?}]}."""

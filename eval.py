@@ -9,7 +9,11 @@
 
 Modes, all on the same questions: closed (base model, no document), icl (base model, document
 truncated to the budget), lift (adapter, no document), lift+icl (adapter + truncated document;
-what the paper reports) and full (base model, whole document, when it fits the model's window).
+what the paper reports) and full (base model, whole document, when it fits the model's window);
+and two reading modes, evidence and lift+evidence: the base model or the adapter given, in place
+of the truncated document, a budget-sized passage that holds the question's evidence. They say
+how much of the answer is the model's reading: no memory of the document can give back more than
+the model makes of its evidence in front of it.
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
 judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
@@ -43,6 +47,9 @@ from summary import write_summary
 from switch import switch_decision
 
 ADAPTER_NAMES = ("gated_memory", "lora")
+READING = {"evidence": "icl", "lift+evidence": "lift+icl"}   # a reading mode → the mode it answers in
+MODES = lift.MODES + tuple(READING)
+BASE_MODES = lift.BASE_MODES + ("evidence",)                  # answered with any adapter switched off
 
 
 # ----------------------------------------------------------------------------- run a benchmark
@@ -85,20 +92,20 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
         ids = tok.encode(doc["document"])
         for q in doc["questions"]:
             for m in set(modes) - {"full"}:
-                lift.checked_prompt(model, tok, q["question"], ids, m, data_cfg.context, max_new_tokens)
+                lift.checked_prompt(model, tok, q["question"], ids, READING.get(m, m), data_cfg.context, max_new_tokens)
         if data_cfg.distill:
             hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
-    todo = [(d, a) for d in docs for a in (adapters if any(m not in lift.BASE_MODES for m in modes) else ["none"])]
+    todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
         adapter = adapter_kind + ("+sft" if init and adapter_kind == "gated_memory" else "")
         ids = tok.encode(doc["document"])
         wanted = [(i, m) for i, _ in enumerate(doc["questions"]) for m in modes
-                  if (doc["id"], i, m, adapter if m not in lift.BASE_MODES else "none") not in done]
+                  if (doc["id"], i, m, adapter if m not in BASE_MODES else "none") not in done]
         if not wanted:
             continue
         absorb_s = None
-        if any(m not in lift.BASE_MODES for _, m in wanted):
+        if any(m not in BASE_MODES for _, m in wanted):
             qa = [{"question": q["question"], "answer": q["answers"][0]}
                   for q in (doc.get("train_questions") or []) if train_qa]
             trace = None
@@ -137,15 +144,18 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 if mode == "full" and (len(lift.answer_prompt(tok, q["question"], ids, mode, data_cfg.context))
                                        + max_new_tokens > model.cfg.max_seq_len):
                     continue        # the upper bound exists only where the whole document fits
+                if mode in READING and q.get("evidence_pos") is None:
+                    continue        # a reading mode needs to know where the evidence is
+                seen = bm.evidence_window(ids, q["evidence_pos"], data_cfg.context) if mode in READING else ids
                 t = time.perf_counter()
-                pred = lift.answer(model, tok, q["question"], ids, mode=mode, context=data_cfg.context,
+                pred = lift.answer(model, tok, q["question"], seen, mode=READING.get(mode, mode), context=data_cfg.context,
                                    max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=switch)
-                r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in lift.BASE_MODES else "none",
+                r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in BASE_MODES else "none",
                      "question": q["question"], "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
                      "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
                      "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key,
-                     **switched(model, switch and mode in ("lift", "lift+icl"))}
+                     **switched(model, switch and mode not in BASE_MODES)}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 records.append(r)
@@ -203,7 +213,7 @@ def parser(argv=None) -> argparse.ArgumentParser:
             r.add_argument("--doc", required=True)
             r.add_argument("--qa", required=True, help="questions: JSONL with question and answer")
             r.add_argument("--train-qa-file", default=None, help="QA pairs to train on (AT), JSONL; implies --train-qa")
-        r.add_argument("--modes", nargs="+", default=["icl", "lift", "lift+icl"], choices=lift.MODES)
+        r.add_argument("--modes", nargs="+", default=["icl", "lift", "lift+icl"], choices=MODES)
         r.add_argument("--adapters", nargs="+", default=["gated_memory"], choices=ADAPTER_NAMES)
         r.add_argument("--lora-rank", type=int, default=16)
         r.add_argument("--init", default=None, help="start Gated Memory from this SFT initialisation (train.py sft)")

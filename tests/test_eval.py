@@ -42,6 +42,18 @@ def test_facts_generator_is_deterministic_and_puts_evidence_where_it_says(tok):
     assert sorted(positions) == pytest.approx([(k + 0.5) / 10 for k in range(10)], abs=0.05)
 
 
+def test_evidence_window_holds_each_answer_within_the_budget(tok):
+    """The reading modes' passage: `context` tokens that contain the question's answer, wherever
+    the evidence lies, the document's first and last facts included."""
+    doc = bm.generate_facts_document(tok, 1500, 8, seed=1)
+    ids = tok.encode(doc["document"])
+    for q in doc["questions"]:
+        window = bm.evidence_window(ids, q["evidence_pos"], 128)
+        assert len(window) == 128 and q["answers"][0] in tok.decode(window)
+    assert bm.evidence_window(ids, 0.0, 128) == ids[:128] and bm.evidence_window(ids, 1.0, 128) == ids[-128:]
+    assert bm.evidence_window(ids[:50], 0.5, 128) == ids[:50]          # a short document is read whole
+
+
 def test_locate_answer_finds_the_first_verbatim_occurrence(tok):
     text = "aaaa bbbb cccc. The River Tamsel is long. the river tamsel"
     pos = bm.locate_answer(tok, text, ["nowhere", "The River Tamsel"])
@@ -89,12 +101,14 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     _, tok = load_model(str(tiny_dir))
     docs = [bm.generate_facts_document(tok, 300, 2, seed=0, n_train=1)]
     out = tmp_path / "run"
-    args = dict(modes=["closed", "icl", "lift", "lift+icl", "full"], adapters=["gated_memory", "lora"],
+    args = dict(modes=["closed", "icl", "lift", "lift+icl", "full", "evidence", "lift+evidence"],
+                adapters=["gated_memory", "lora"],
                 model_name=str(tiny_dir), data_cfg=DataConfig(window=64, context=64, qa_start_epoch=0), max_new_tokens=4,
                 train_cfg=TrainConfig(epochs=1, dtype="float32"), train_qa=True, lora_rank=2)
     records = ev.run(docs, out, **args)
-    # 2 questions × (3 base modes + 2 lift modes × 2 adapters)
-    assert len(records) == 2 * (3 + 2 * 2)
+    # 2 questions × (4 base modes + 3 adapter modes × 2 adapters)
+    assert len(records) == 2 * (4 + 3 * 2)
+    assert {r["mode"] for r in records if r["adapter"] == "none"} == {"closed", "icl", "full", "evidence"}
     assert {r["adapter"] for r in records} == {"none", "gated_memory", "lora"}
     assert all({"em", "f1", "contains", "evidence_pos", "in_budget", "prediction"} <= set(r) for r in records)
     assert (out / "summary.md").read_text().count("\n|") >= 7
