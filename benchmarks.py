@@ -97,8 +97,9 @@ def evidence_window(ids: list[int], pos: float, context: int) -> list[int]:
     """The `context` tokens of a document that hold a question's evidence: from a quarter of the
     budget before where the evidence starts (fraction `pos` of the tokens), moved back inside the
     document at its ends. eval.py's reading modes put it where ICL puts the head and tail: what
-    the model answers when what it needs is in front of it, the most that any memory of the
-    document could give back at this model's size."""
+    the model answers when what it needs is in front of it. Not a ceiling for LIFT: a memory
+    trained on the answer's own form can do better than the model's reading (results/NOTEBOOK.md,
+    "What the model reads from the evidence itself")."""
     start = min(max(0, round(pos * len(ids)) - context // 4), max(0, len(ids) - context))
     return ids[start:start + context]
 

@@ -12,8 +12,8 @@ truncated to the budget), lift (adapter, no document), lift+icl (adapter + trunc
 what the paper reports) and full (base model, whole document, when it fits the model's window);
 and two reading modes, evidence and lift+evidence: the base model or the adapter given, in place
 of the truncated document, a budget-sized passage that holds the question's evidence. They say
-how much of the answer is the model's reading: no memory of the document can give back more than
-the model makes of its evidence in front of it.
+what the model makes of the evidence when it is in front of it, and whether an adapter keeps
+that reading or talks over it.
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
 judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
