@@ -8,8 +8,7 @@ attention output by a mix of that output and something computed from the head's 
 rotary embedding; `Transformer.output_adapter` may add to the logits (the released code's small
 LoRA on the output head). With no adapter attached the model is a vanilla Llama.
 
-Loading checkpoints (Hugging Face directories, hub ids, GGUF files) and the tokenizer live in
-checkpoint.py, so that this file stays about the model alone.
+checkpoint.py loads checkpoints (Hugging Face folders, hub ids, GGUF files) and the tokenizer.
 
 Shape legend, used in the trailing comments:
     B  batch size              T  new tokens in this call     S  keys attended to (cache + T)
@@ -137,18 +136,19 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, H_kv, S, D)
 
 
-# On a CPU in bf16 the explicit math below was as fast as the fused kernel or faster at every length
-# the bench measures, forward (512, 2,048 tokens) and forward + backward (256, 1,024); in fp32 level
-# or slower, timed in turn (NOTEBOOK.md, "Attention by blocks of queries", "The attention path by
-# dtype"). So a CPU takes it in bf16, the kernel in fp32; CUDA the kernel. The bench sets CPU_FUSED.
+# On a CPU in bf16 the explicit math below beat the fused kernel or tied; in fp32 it tied or lost; with
+# AMX it lost forward only, by 1.2-1.45x (NOTEBOOK.md, "The attention path by dtype", "Speed on a CPU
+# with AMX"). So a CPU in bf16 trains on it, and answers on it without AMX. The bench sets CPU_FUSED.
 CPU_FUSED: Optional[bool] = None
-QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 in a scratch comparison (a block's scores stay in cache)
+CPU_AMX = torch.cpu.get_capabilities().get("amx_bf16", False)   # bf16 matrix tiles (Sapphire Rapids on)
+QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 (its scores stay in cache)
 
 
 def fused_kernel(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
     """F.scaled_dot_product_attention (True) or explicit_attention (False), for q of this dtype."""
     if cfg.fused_attention and device.type == "cpu":
-        return dtype == torch.float32 if CPU_FUSED is None else CPU_FUSED
+        fastest = dtype == torch.float32 or (CPU_AMX and not torch.is_grad_enabled())
+        return fastest if CPU_FUSED is None else CPU_FUSED
     return cfg.fused_attention
 
 

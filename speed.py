@@ -10,11 +10,11 @@ product). Prefill needs 2 FLOPs per weight per token (forward), plus causal atte
 training step on a frozen base needs the forward pass and the gradients of the activations, not of
 the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
 backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
-left out, so the fraction slightly understates the work done. "The step's matrix products alone"
-times just those 4N FLOPs on the model's own weights, in turn: the gap is theirs, or the rest's.
-The "explicit attention", "fused attention kernel" and "attention of one layer" rows time the
-attention paths model.py chooses between, in turn: the explicit math by blocks of queries (a CPU's
-in bf16, and its two branches), the fused kernel (CUDA's, and a CPU's in fp32); the other rows take
+left out, so the fraction slightly understates the work done. The "matrix products alone" rows
+time just those 2N (prefill) or 4N FLOPs on the model's own weights, in turn: the gap is theirs, or
+the rest's. The "explicit attention", "fused attention kernel" and "attention of one layer" rows
+time, in turn, the paths model.py chooses between: the explicit math by blocks of queries (a CPU's
+in bf16, and its two branches; answering with AMX excepted) and the fused kernel; the other rows take
 model.py's choice. The "default loop step" rows time what a LIFT run does per window, by part:
 the window, the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
 The "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
@@ -93,9 +93,9 @@ def weight_flops(model) -> int:
     return 2 * sum(w.numel() for w in step_weights(model))
 
 
-def step_products(model, rows: int, dtype: str, reps: int = 3) -> float:
+def step_products(model, rows: int, dtype: str, reps: int = 3, backward: bool = True) -> float:
     """FLOP/s of the step's own products alone (best of `reps`): each of the model's weights in turn, read from
-    memory as in the step, times `rows` tokens forward; then its input gradient (frozen: no weight gradient)."""
+    memory as in the step, times `rows` tokens forward; then (backward) its input gradient (no weight gradient)."""
     weights = [w.detach().to(getattr(torch, dtype)) for w in step_weights(model)]   # in bf16, copies (as autocast)
     x = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}     # one input per width
     dy = {w.shape[0]: torch.randn(rows, w.shape[0], dtype=w.dtype) for w in weights}
@@ -104,10 +104,10 @@ def step_products(model, rows: int, dtype: str, reps: int = 3) -> float:
         t = time.perf_counter()
         for w in weights:
             F.linear(x[w.shape[1]], w)
-        for w in reversed(weights):
+        for w in reversed(weights) if backward else ():
             dy[w.shape[0]] @ w
         times.append(time.perf_counter() - t)
-    return 2 * rows * weight_flops(model) / min(times[1:])
+    return (1 + backward) * rows * weight_flops(model) / min(times[1:])
 
 
 def attention_flops(model, T: int) -> int:
@@ -125,10 +125,9 @@ def windows(tok, T: int, n: int) -> list:
 def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1, steps: int = 3,
                     compiled: bool = False, paths: tuple = (None,)) -> dict[Optional[bool], tuple[float, float, float]]:
     """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
-    adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB, and
-    the seconds of the first step, for each attention path in `paths` (fused_kernel_on_cpu's flag;
-    None: model.py's choice).
-    Two paths are timed step by step in turn, so that the machine's drift hits both alike.
+    adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB and the
+    first step's seconds, for each attention path in `paths` (fused_kernel_on_cpu's flag; None:
+    model.py's choice), timed step by step in turn so that the machine's drift hits both alike.
     compiled: torch.compile each block first (the first step then pays the compilation; blocks
     share one compiled graph)."""
     examples = windows(tok, T, batch)
@@ -161,8 +160,7 @@ def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: 
 
 @contextmanager
 def fused_kernel_on_cpu(on: Optional[bool]):
-    """Inside, a CPU takes the fused attention kernel if `on`, the explicit path if not, and
-    model.py's choice by dtype if None (model.CPU_FUSED)."""
+    """Inside, a CPU takes the fused kernel if `on`, the explicit math if not, model.py's choice if None."""
     saved = model_module.CPU_FUSED
     model_module.CPU_FUSED = on
     try:
@@ -172,10 +170,9 @@ def fused_kernel_on_cpu(on: Optional[bool]):
 
 
 def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
-    """Milliseconds of one layer's attention, forward and backward, over T tokens, by path (median
-    of `reps` after a warm-up): the explicit math by blocks of queries (model.py's on a CPU), the
-    fused kernel with copied keys and values (model.py's on CUDA), and the fused kernel sharing
-    them itself (enable_gqa=True)."""
+    """Milliseconds of one layer's attention, forward and backward, over T tokens, by path (median of
+    `reps` after a warm-up): the explicit math by blocks of queries (a CPU's in bf16), the fused kernel
+    with copied keys and values (CUDA's, a CPU's in fp32), the fused kernel sharing them (enable_gqa)."""
     c, dt = model.cfg, getattr(torch, dtype)
     q = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt, requires_grad=True)
     k, v = (torch.randn(1, c.n_kv_heads, T, c.head_dim, dtype=dt, requires_grad=True) for _ in range(2))
@@ -309,6 +306,9 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         for fused, s in best.items():
             path = "fused attention kernel" if fused else "explicit attention"
             print(f"| prefill {T}, {path} (in turn, best of 3) | {T / s:,.0f} | {100 * flops / s / peak:.0f}% | |")
+        rate = step_products(model, T, dtype, backward=False)       # the bound without attention and the rest
+        print(f"| prefill {T}'s matrix products alone (each weight forward) | {rate / per_token:,.0f} | "
+              f"{100 * rate / peak:.0f}% ({rate / 1e9:.0f} GFLOP/s) | |")
         print(answering_attention(model, T, dtype))
     eager, chosen = {}, model_module.fused_kernel(model.cfg, dev, getattr(torch, dtype))
     for T in train_lengths:

@@ -135,7 +135,7 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     for what in ("prefill 48, explicit attention", "prefill 48, fused attention kernel",
                  "ℓ = 32, explicit attention (in turn)", "ℓ = 32, fused attention kernel (in turn)",
                  "ℓ = 32, checkpointing", "ℓ = 32, batch 4", "default loop step:", "--qa-batch 8", "decode 2 tokens",
-                 "matrix products alone, ℓ = 32"):
+                 "matrix products alone, ℓ = 32", "prefill 48's matrix products alone"):
         assert sum(what in r for r in rows) == 1, what
     assert not any("torch.compile" in r or "--compile" in r for r in rows)
     # a tiny model's step is a few % of its 4N limit, which can round to "0%": compare the unrounded figures
@@ -145,6 +145,7 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     assert len(steps) == 4 and all(0 < t < 10 * lim for t, lim in zip(tokens_per_s, limits))
     rate = lambda what: float(next(r for r in rows if what in r).split("|")[2].replace(",", ""))
     assert rate("matrix products alone, ℓ = 32") > rate("ℓ = 32, explicit attention")   # the products are part of the step
+    assert rate("prefill 48's matrix products alone") > rate("prefill 48, explicit attention")   # ... and of a prefill
     assert "matmul 2048^3 again" in out
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile_train_step_32.txt", "profile_prefill_48.txt",
                                                           "profile_prefill_48_fused.txt"}

@@ -58,13 +58,18 @@ def test_explicit_and_fused_attention_agree_in_outputs_gradients_and_after_a_cac
     assert (out[False][3] - out[False][0]).abs().max().item() <= 1e-5      # nor does answering without autograd
 
 
-def test_a_cpu_takes_the_explicit_path_in_bf16_the_kernel_in_fp32_and_cuda_always_the_kernel(monkeypatch):
+def test_a_cpu_in_bf16_trains_on_the_explicit_path_and_answers_on_the_kernel_only_with_amx(monkeypatch):
     import model as model_module
     from model import fused_kernel
     cfg = tiny_model().cfg
     cfg.fused_attention = True
     cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    monkeypatch.setattr(model_module, "CPU_AMX", False)                # AVX-512 bf16 only, or AVX2
     assert not fused_kernel(cfg, cpu, bf16) and fused_kernel(cfg, cpu, fp32)
+    monkeypatch.setattr(model_module, "CPU_AMX", True)                 # AMX: bf16 answers on the kernel...
+    with torch.no_grad():
+        assert fused_kernel(cfg, cpu, bf16) and fused_kernel(cfg, cpu, fp32)
+    assert not fused_kernel(cfg, cpu, bf16) and fused_kernel(cfg, cpu, fp32)   # ...and trains on the explicit math
     assert fused_kernel(cfg, cuda, bf16) and fused_kernel(cfg, cuda, fp32)
     monkeypatch.setattr(model_module, "CPU_FUSED", False)             # the bench forces a path on a CPU
     assert not fused_kernel(cfg, cpu, fp32) and fused_kernel(cfg, cuda, bf16)
