@@ -137,9 +137,9 @@ class KVCache:
 
 
 # On a CPU in bf16 the explicit math below beat the fused kernel or tied; in fp32 it tied or lost; with
-# AMX it lost forward only, by 1.2-1.45x (NOTEBOOK.md, "The attention path by dtype", "Speed on a CPU
-# with AMX"). So a CPU in bf16 trains on it, and answers on it without AMX. The bench sets CPU_FUSED.
-CPU_FUSED: Optional[bool] = None
+# AMX it lost forward, 1.16x at 512 tokens and 1.5x at 2,048 (NOTEBOOK.md, "The attention path by
+# dtype", "Speed on a CPU with AMX"). So bf16 on a CPU trains on it, and answers on it without AMX.
+CPU_FUSED: Optional[bool] = None     # None: the choice above; the bench forces one path (True/False)
 CPU_AMX = torch.cpu.get_capabilities().get("amx_bf16", False)   # bf16 matrix tiles (Sapphire Rapids on)
 QUERY_BLOCK = 128    # a tuning: faster than 256 or 512 (its scores stay in cache)
 
