@@ -107,7 +107,7 @@ def step_products(model, rows: int, dtype: str, reps: int = 3, backward: bool = 
         for w in reversed(weights) if backward else ():
             dy[w.shape[0]] @ w
         times.append(time.perf_counter() - t)
-    return (1 + backward) * rows * weight_flops(model) / min(times[1:])
+    return (2 if backward else 1) * rows * weight_flops(model) / min(times[1:])
 
 
 def attention_flops(model, T: int) -> int:
