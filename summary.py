@@ -1,12 +1,38 @@
 """summary.md of an `eval.py run`: the scores by mode (and adapter), inside and outside the ICL
-budget, by document, by whether a self-study reply holds the question's fact, and the general
-questions' sameness and gates; then the plots (plots.py). Reads records, runs no model."""
+budget, by document, by whether a self-study reply holds the question's fact, the reply most often
+repeated, and the general questions' sameness and gates; then the plots (plots.py). Reads records, runs no model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import plots
+
+
+OPENING = 5    # words: enough to tell one licence sentence from another, few enough to ignore how it ends
+
+
+def most_repeated_opening(replies: list[str]) -> tuple[str, int, int]:
+    """The opening (first OPENING words, case and spacing ignored) that most replies share, how many
+    share it, and how many different openings there are."""
+    counts = Counter(" ".join(r.lower().split()[:OPENING]) for r in replies)
+    top, n = counts.most_common(1)[0] if counts else ("", 0)
+    return top, n, len(counts)
+
+
+def openings_table(groups: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: by mode, the opening most answers share. An adapter that has collapsed onto a
+    few recited sentences gives many questions the same one, whatever they ask."""
+    if not any("prediction" in r for rs in groups.values() for r in rs):
+        return []
+    lines = ["", f"The most repeated reply: how many answers begin with the same {OPENING} words (a recited "
+                 "sentence the adapter falls back on), and how many different openings there are", "",
+             "| mode (adapter) | most repeated opening | answers | different openings |", "|---|---|---:|---:|"]
+    for name, rs in groups.items():
+        top, n, distinct = most_repeated_opening([r.get("prediction", "") for r in rs])
+        lines.append(f"| {name} | {top.replace('|', '/')} | {n}/{len(rs)} | {distinct} |")
+    return lines
 
 
 def label(r: dict) -> str:
@@ -48,6 +74,7 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
         for name, rs in groups.items():
             split = [[r for r in rs if reached.get((r["doc"], r["q"])) is s] for s in (True, False)]
             lines.append(f"| {name} | " + " | ".join(f"{sum(bool(r['contains']) for r in g)}/{len(g)}" for g in split) + " |")
+    lines += openings_table(groups)
     absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
     if any("general_same_lift" in a for a in absorbed):
         lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "
@@ -61,3 +88,13 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     print(text)
     plots.plot_results(groups, out)
     return text
+
+
+if __name__ == "__main__":    # python summary.py RUN_FOLDER...: the repeated-reply table of finished runs
+    import sys
+    for folder in sys.argv[1:]:
+        groups: dict[str, list[dict]] = {}
+        for line in (Path(folder) / "records.jsonl").open():
+            r = json.loads(line)
+            groups.setdefault(label(r), []).append(r)
+        print(f"## {folder}" + "\n".join(openings_table(groups)) + "\n")

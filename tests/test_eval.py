@@ -244,3 +244,16 @@ def test_summary_splits_the_counts_by_what_the_study_set_reached(tmp_path, monke
     assert "studied" not in ev.write_summary(records, tmp_path, {})   # no study set: no such table
     other = {**records[0], "doc": "b"}                              # a document this command did not study
     assert "(documents a only)" in ev.write_summary(records + [other], tmp_path, {}, {("a", 0): True})
+
+
+def test_summary_counts_the_reply_an_adapter_falls_back_on(tmp_path, monkeypatch):
+    import eval as ev
+    from summary import most_repeated_opening
+    monkeypatch.setattr(ev.plots, "plot_results", lambda groups, out: None)
+    recited = '"You" (or "Your")   means an individual'
+    replies = [recited + " or a legal entity.", recited.upper() + ".", "Thirty days.", "Sections 3.1 to 3.4."]
+    assert most_repeated_opening(replies) == ('"you" (or "your") means an', 2, 3)   # case and spacing ignored
+    records = [{"doc": "a", "mode": "lift", "adapter": "gated_memory", "contains": False, "em": 0.0, "f1": 0.0,
+                "in_budget": False, "prediction": p} for p in replies]
+    assert '| lift (gated_memory) | "you" (or "your") means an | 2/4 | 3 |' in ev.write_summary(records, tmp_path, {})
+    assert most_repeated_opening([]) == ("", 0, 0)
