@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import plots
+from benchmarks import normalize, read_benchmark
 
 
 OPENING = 5    # words: enough to tell one licence sentence from another, few enough to ignore how it ends
@@ -32,6 +33,38 @@ def openings_table(groups: dict[str, list[dict]]) -> list[str]:
     for name, rs in groups.items():
         top, n, distinct = most_repeated_opening([r.get("prediction", "") for r in rs])
         lines.append(f"| {name} | {top.replace('|', '/')} | {n}/{len(rs)} | {distinct} |")
+    return lines
+
+
+RECITED = 6    # words: a reply whose first six stand in the document word for word is reciting it
+PASSAGE = 80   # words: how far on from the recital's start the question's answer may stand
+
+
+def recital(reply: str, document: str, answers: list[str]) -> str:
+    """Is a reply the document recited, and from the right place? "none": its first RECITED words are
+    not in the document (case, punctuation and articles ignored); "right": the document holds an
+    answer within PASSAGE words of a place where the reply starts; "wrong": it recites another place.
+    Many "wrong" mean the adapter knows the text but not which part a question is about."""
+    start = " ".join(normalize(reply).split()[:RECITED])
+    words = normalize(document).split()
+    places = [i for i in range(len(words)) if " ".join(words[i:i + RECITED]) == start] if start else []
+    if not places:
+        return "none"
+    near = lambda i: f" {' '.join(words[i:i + PASSAGE])} "
+    return "right" if any(f" {normalize(a)} " in near(i) for i in places for a in answers if normalize(a)) else "wrong"
+
+
+def recital_table(groups: dict[str, list[dict]], documents: dict[str, str]) -> list[str]:
+    """Markdown lines: by mode, over the questions whose evidence is outside the budget, how many
+    replies recite the document, how many of those from the right place, and how many hold an answer."""
+    lines = ["", f"Replies that recite the document (their first {RECITED} words in it), questions outside the budget",
+             "", "| mode (adapter) | asked | recite the document | from the answer's place (within "
+             f"{PASSAGE} words) | contain an answer |", "|---|---:|---:|---:|---:|"]
+    for name, rs in groups.items():
+        outside = [r for r in rs if r.get("in_budget") is False and r["doc"] in documents]
+        kinds = Counter(recital(r["prediction"], documents[r["doc"]], r["answers"]) for r in outside)
+        lines.append(f"| {name} | {len(outside)} | {kinds['right'] + kinds['wrong']} | {kinds['right']} | "
+                     f"{sum(bool(r['contains']) for r in outside)} |")
     return lines
 
 
@@ -90,11 +123,18 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     return text
 
 
-if __name__ == "__main__":    # python summary.py RUN_FOLDER...: the repeated-reply table of finished runs
-    import sys
-    for folder in sys.argv[1:]:
+if __name__ == "__main__":    # python summary.py [--bench FILE] RUN_FOLDER...: tables over finished runs
+    import argparse
+    cli = argparse.ArgumentParser(description="The repeated-reply table of finished `eval.py run` folders, and with "
+                                              "--bench the recital table (which replies recite the document, from where)")
+    cli.add_argument("folders", nargs="+")
+    cli.add_argument("--bench", help="the benchmark the runs answered (its documents' text)")
+    args = cli.parse_args()
+    documents = {d["id"]: d["document"] for d in read_benchmark(args.bench)} if args.bench else {}
+    for folder in args.folders:
         groups: dict[str, list[dict]] = {}
         for line in (Path(folder) / "records.jsonl").open():
             r = json.loads(line)
             groups.setdefault(label(r), []).append(r)
-        print(f"## {folder}" + "\n".join(openings_table(groups)) + "\n")
+        tables = openings_table(groups) + (recital_table(groups, documents) if documents else [])
+        print(f"## {folder}\n" + "\n".join(tables) + "\n")

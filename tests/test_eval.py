@@ -257,3 +257,23 @@ def test_summary_counts_the_reply_an_adapter_falls_back_on(tmp_path, monkeypatch
                 "in_budget": False, "prediction": p} for p in replies]
     assert '| lift (gated_memory) | "you" (or "your") means an | 2/4 | 3 |' in ev.write_summary(records, tmp_path, {})
     assert most_repeated_opening([]) == ("", 0, 0)
+
+
+def test_recital_tells_the_right_place_from_another(tmp_path):
+    from summary import recital, recital_table
+    doc = ("The licence ends after thirty days of notice. " + "Filler words fill this licence. " * 30 +
+           "The licence is governed by the law of the defendant's place of business.")
+    answers = ["place of business"]
+    assert recital("The licence is governed by the law of the defendant's", doc, answers) == "right"
+    assert recital("THE licence ends after thirty days, of notice", doc, answers) == "wrong"   # case, commas
+    assert recital("The licence is governed by the law of Mars", doc, answers) == "right"      # six words suffice
+    assert recital("The licence may be governed by", doc, answers) == "none"
+    assert recital("", doc, answers) == "none"
+    far = "The licence ends after thirty days of notice. " + "One more word here. " * 40 + "the place of business"
+    assert recital("The licence ends after thirty days of notice", far, answers) == "wrong"   # beyond the passage
+    assert recital("The licence ends after thirty days", doc, answers) == "none"   # five words (no "the"): too short
+    rec = lambda p, inside: {"doc": "d", "prediction": p, "answers": answers, "in_budget": inside, "contains": False}
+    groups = {"lift (gated_memory)": [rec("The licence ends after thirty days of notice.", False),
+                                      rec("The licence is governed by the law of the defendant's", False),
+                                      rec("I do not know.", False), rec("The licence ends after thirty days", True)]}
+    assert "| lift (gated_memory) | 3 | 2 | 1 | 0 |" in recital_table(groups, {"d": doc})
