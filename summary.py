@@ -132,6 +132,8 @@ if __name__ == "__main__":    # python summary.py [--bench FILE] RUN_FOLDER...: 
     args = cli.parse_args()
     documents = {d["id"]: d["document"] for d in read_benchmark(args.bench)} if args.bench else {}
     for folder in args.folders:
+        if not (Path(folder) / "records.jsonl").is_file():
+            cli.error(f"{folder}: no records.jsonl (not a finished `eval.py run` folder)")
         groups: dict[str, list[dict]] = {}
         for line in (Path(folder) / "records.jsonl").open():
             r = json.loads(line)
