@@ -31,7 +31,13 @@
        we learn about "warden" from the text?" → `The text says: "The first frost warden was …"`. This is
        the augmentation that lets fine-tuned facts be retrieved by other questions (several
        phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
-     - with --phrasings K, every quoting question (quote, keys, both) in K of those wordings: a
+     - or phrases (--study phrases): as keys, but each key asked inside its own words, the
+       PHRASE_WORDS words on each side of it in its sentence ("What do we learn about the
+       contents of the NOTICE file from the text?"). On the licences a user's question held the
+       very word the adapter studied as a key and still missed: the key was studied alone in
+       quotes, the user writes it among the sentence's other words (results/NOTEBOOK.md, "The
+       address gap");
+     - with --phrasings K, every quoting question (quote, keys, phrases, both) in K of those wordings: a
        fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
        (storage.py measures it);
      - with --reply plain, every quoting question answered with the sentence alone, not quoted. A
@@ -55,6 +61,7 @@ The file sits above lift.py: cache.py calls it before lift.absorb, with no adapt
 from __future__ import annotations
 
 import re
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -101,6 +108,7 @@ over same should some such than that their them then there these they this those
 were what when where which while whom will with would your year years""".split())
 KEY_SENTENCES = 3                  # a word in more sentences than this is not a key to any of them
 KEYS_PER_SENTENCE = 4              # the most keys one sentence is asked by
+PHRASE_WORDS = 2                   # --study phrases: the words kept on each side of a key
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
 # A number of two digits or more, with thousands commas ("1,240", "1743"; "Chapter 1" is no fact).
@@ -169,8 +177,8 @@ def keys(text: str) -> list[tuple[str, str]]:
     sentences use, longest first, if at most KEY_SENTENCES do. A word is quoted in the question
     ("warden" → `about "warden"`), a name or number is not."""
     told = [s for s in sentences(text) if len(s.split()) > 3]   # a heading states nothing
-    words = [set(re.findall(r"\b[a-z]+\b", s)) for s in told]
-    used = {w: sum(w in ws for ws in words) for ws in words for w in ws}
+    words = [list(dict.fromkeys(re.findall(r"\b[a-z]+\b", s))) for s in told]   # in order: equal keys keep it
+    used = Counter(w for ws in words for w in ws)
     known = names(text)
     seen, out = set(), []
     for s, ws in zip(told, words):
@@ -184,6 +192,41 @@ def keys(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def phrase(key: str, sentence: str) -> str:
+    """`key` with the PHRASE_WORDS words on each side of its first place in `sentence`, the way a
+    user's question quotes a sentence's words: "contents" → "The contents of the NOTICE"."""
+    bare = lambda w: re.sub(r"^\W+|\W+$", "", w)           # a word without its quotes, brackets, commas
+    words, first = [w for w in map(bare, sentence.split()) if w], key.strip('"').split()
+    at = next((i for i, w in enumerate(words) if w == first[0]), None)   # case counts, as in keys()
+    if at is None:                                           # a key is a word of its sentence; safe all the same
+        return key.strip('"')
+    return " ".join(words[max(0, at - PHRASE_WORDS):at + len(first) + PHRASE_WORDS])
+
+
+def studied_keys(text: str, cfg: DataConfig) -> list[tuple[str, str]]:
+    """(key, sentence) for each quoting self-study question of --study (none for cloze): the name,
+    number or word a question asks about, and the sentence that answers it."""
+    if cfg.study in ("keys", "phrases"):
+        return spread(keys(text), cfg.distill)
+    return statements(text, cfg.distill, distinct=cfg.study == "sentences") if cfg.study != "cloze" else []
+
+
+def asked_key(question: str) -> str | None:
+    """The key (name, number, word or phrase) a KEY_QUESTIONS question asks about, or None."""
+    for wording in KEY_QUESTIONS:
+        head, tail = wording.split("{}")
+        if question.startswith(head) and question.endswith(tail) and len(question) > len(head) + len(tail):
+            return question[len(head):len(question) - len(tail)].strip('"')
+    return None
+
+
+def key_sentence(key: str, text: str) -> str | None:
+    """The sentence a key points at: the first of the text's sentences that holds its words in a
+    row (punctuation aside; case counts: "notice" is not "NOTICE"), as keys() and phrase() chose it."""
+    bare = lambda t: " " + " ".join(w for w in (re.sub(r"^\W+|\W+$", "", w) for w in t.split()) if w) + " "
+    return next((s for s in sentences(text) if len(s.split()) > 3 and bare(key) in bare(s)), None)
+
+
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(question, reply, what a correct reply contains) for each self-study question of --study;
     a quoting question in cfg.phrasings phrasings (the first: QUESTION, or for keys the next in turn)."""
@@ -193,10 +236,10 @@ def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
         reply = REPLY if cfg.reply == "quote" else PLAIN
         return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), reply.format(statement),
                  statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
-    if cfg.study == "keys":                                  # up to N keys, the wordings in turn
-        return quoted(spread(keys(text), cfg.distill), rotate=True)
-    quote = quoted(statements(text, cfg.distill, distinct=cfg.study == "sentences"), rotate=False) \
-        if cfg.study != "cloze" else []
+    if cfg.study in ("keys", "phrases"):                     # up to N keys, the wordings in turn
+        chosen = studied_keys(text, cfg)
+        return quoted([(phrase(k, s), s) for k, s in chosen] if cfg.study == "phrases" else chosen, rotate=True)
+    quote = quoted(studied_keys(text, cfg), rotate=False) if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)
              for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study in ("cloze", "both") else []
     return quote + cloze                                     # --study both: up to N of each

@@ -179,7 +179,37 @@ def test_the_key_study_changes_the_cache_key(tiny_dir):
     from lift import TrainConfig as T
     model, tok = load_model(str(tiny_dir))
     key = lambda study: settings_key(model, tok, DataConfig(distill=8, study=study), gm.GatedMemoryConfig(), T(), [], 0, None)
-    assert len({key("quote"), key("cloze"), key("keys")}) == 3
+    assert len({key("quote"), key("cloze"), key("keys"), key("phrases")}) == 4
+
+
+def test_keys_of_equal_rarity_come_in_the_sentences_order_whatever_the_hash_seed():
+    import subprocess
+    import sys
+    from pathlib import Path
+    from distill import keys
+    text = "The sundial stood beside the orchard gate. The gate was old. The orchard was older than the gate."
+    assert [k for k, _ in keys(text)][:3] == ['"sundial"', '"beside"', '"stood"']   # rarer and longer first, then in order
+    root = Path(__file__).resolve().parents[1]
+    run = lambda seed: subprocess.run([sys.executable, "-c", "import distill, json; from benchmarks import read_benchmark; "
+                                       "print(json.dumps([distill.keys(d['document']) for d in read_benchmark('examples/real_docs.jsonl')]))"],
+                                      cwd=root, capture_output=True, text=True, env={"PYTHONHASHSEED": seed, "PATH": ""},
+                                      check=True).stdout
+    assert run("1") == run("2")                  # string hashing (set order) no longer picks a run's keys
+
+
+def test_phrases_ask_each_key_among_its_own_words_and_point_back_at_their_sentence():
+    from distill import KEY_QUESTIONS, asked_key, key_sentence, keys, phrase, sentences, study_pairs
+    sentence = 'The contents of the "NOTICE" file are for informational purposes only.'
+    assert phrase('"contents"', sentence) == "The contents of the"
+    assert phrase("NOTICE", sentence) == "of the NOTICE file are"                  # its quotes dropped
+    assert phrase('"absent"', sentence) == "absent"                               # not in it: the key alone
+    text = sentence + " The NOTICE file may hold an attribution notice. The file format is plain text."
+    keyed, phrased = (study_pairs(text, DataConfig(distill=100, study=s)) for s in ("keys", "phrases"))
+    assert [r for _, r, _ in phrased] == [r for _, r, _ in keyed]                 # the same sentences, in order
+    assert phrased[0][0] == KEY_QUESTIONS[0].format(phrase(keys(text)[0][0], sentences(text)[0]))
+    for study in (keyed, phrased):                                               # each question finds its sentence
+        assert [key_sentence(asked_key(q), text) for q, _, _ in study] == [s for _, s in keys(text)]
+    assert asked_key("Where is the file?") is None
 
 
 def test_phrasings_ask_each_quoted_fact_in_that_many_wordings_and_leave_cloze_alone():
