@@ -13,7 +13,9 @@ what the paper reports) and full (base model, whole document, when it fits the m
 and two reading modes, evidence and lift+evidence: the base model or the adapter given, in place
 of the truncated document, a budget-sized passage that holds the question's evidence. They say
 what the model makes of the evidence when it is in front of it, and whether an adapter keeps
-that reading or talks over it.
+that reading or talks over it. One probe, lift+studied (with --distill): LIFT+ICL asked, in place
+of the user's question, the self-study question whose reply holds the question's evidence, in
+the study's own wording: whether the adapter holds the fact that the user's wording misses.
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
 judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
@@ -48,7 +50,8 @@ from switch import switch_decision
 
 ADAPTER_NAMES = ("gated_memory", "lora")
 READING = {"evidence": "icl", "lift+evidence": "lift+icl"}   # a reading mode → the mode it answers in
-MODES = lift.MODES + tuple(READING)
+ANSWERED_AS = {**READING, "lift+studied": "lift+icl"}          # a probe mode → the mode it answers in
+MODES = lift.MODES + tuple(ANSWERED_AS)
 BASE_MODES = lift.BASE_MODES + ("evidence",)                  # answered with any adapter switched off
 
 
@@ -69,6 +72,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
     from tqdm import tqdm
+    if "lift+studied" in modes and not data_cfg.distill:
+        raise DataError("the lift+studied probe asks the self-study questions: give --distill N (or --recipe study)")
     ids_seen = [d["id"] for d in docs]
     if len(set(ids_seen)) != len(ids_seen):
         raise DataError(f"document ids repeat ({sorted({i for i in ids_seen if ids_seen.count(i) > 1})[:3]}): "
@@ -88,14 +93,20 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
     reached = {}                      # (doc, question) → whether a self-study reply holds its fact, early enough
+    studied_as = {}                   # (doc, question) → the self-study question on its evidence (lift+studied)
     for doc in docs:                  # every question must fit before any training starts
         ids = tok.encode(doc["document"])
         for q in doc["questions"]:
             for m in set(modes) - {"full"}:
-                lift.checked_prompt(model, tok, q["question"], ids, READING.get(m, m), data_cfg.context, max_new_tokens)
+                lift.checked_prompt(model, tok, q["question"], ids, ANSWERED_AS.get(m, m), data_cfg.context, max_new_tokens)
         if data_cfg.distill:
             hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
+            if "lift+studied" in modes:      # the study's own question for each question's evidence, if any
+                flat, pairs = lambda t: " ".join(t.split()), distill.study_pairs(tok.decode(ids), data_cfg)
+                evidence = lambda q: flat(q.get("evidence") or q["answers"][0])
+                studied_as |= {(doc["id"], i): next((sq for sq, reply, _ in pairs if evidence(q) in flat(reply)), None)
+                               for i, q in enumerate(doc["questions"])}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
         adapter = adapter_kind + ("+sft" if init and adapter_kind == "gated_memory" else "")
@@ -134,6 +145,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
                 extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))
                 extra["study_missed"] = [q for q, hit in hits if not hit]
+                extra["study_recalled"] = [q for q, hit in hits if hit]     # with the missed: every question studied
             with (out / "absorb.jsonl").open("a") as f:
                 f.write(json.dumps({"doc": doc["id"], "adapter": adapter, "doc_tokens": len(ids), "trained_now": res.trained,
                                     "absorb_seconds": absorb_s, "doc_loss_before": before, "doc_loss_after": after,
@@ -146,12 +158,15 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                     continue        # the upper bound exists only where the whole document fits
                 if mode in READING and q.get("evidence_pos") is None:
                     continue        # a reading mode needs to know where the evidence is
+                question = studied_as.get((doc["id"], i)) if mode == "lift+studied" else q["question"]
+                if question is None:
+                    continue        # the probe asks only what the study asked
                 seen = bm.evidence_window(ids, q["evidence_pos"], data_cfg.context) if mode in READING else ids
                 t = time.perf_counter()
-                pred = lift.answer(model, tok, q["question"], seen, mode=READING.get(mode, mode), context=data_cfg.context,
+                pred = lift.answer(model, tok, question, seen, mode=ANSWERED_AS.get(mode, mode), context=data_cfg.context,
                                    max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=switch)
                 r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in BASE_MODES else "none",
-                     "question": q["question"], "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
+                     "question": question, "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
                      "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
                      "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key,

@@ -7,8 +7,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import distill
 import plots
 from benchmarks import normalize, read_benchmark
+from data import DataConfig
 
 
 OPENING = 5    # words: enough to tell one licence sentence from another, few enough to ignore how it ends
@@ -68,6 +70,51 @@ def recital_table(groups: dict[str, list[dict]], documents: dict[str, str]) -> l
     return lines
 
 
+def address_table(groups: dict[str, list[dict]], absorbed: list[dict], bench: dict[str, dict],
+                  cfg: DataConfig) -> list[str]:
+    """Markdown lines: over questions outside the budget whose evidence lies in a sentence the self-study
+    quoted, how often the adapter recites that sentence whole when asked in the study's own wordings
+    (eval.py's recall check, absorb.jsonl), and how often it answers the user's question, also when
+    the question holds one of the very keys the sentence was studied under. A fact recited in the
+    studied wording but missed in the user's is stored and not reached: an address the user's words
+    do not give. The study's questions are read from absorb.jsonl when it lists them; runs made
+    before it did get them rebuilt, and keys of equal rarity were then chosen in an order that
+    changed from process to process (distill.keys), so a few of their keys may differ."""
+    flat, found = lambda t: " ".join(t.split()), {}
+    for doc in sorted({r["doc"] for rs in groups.values() for r in rs} & set(bench)) if cfg.distill else ():
+        text, record = bench[doc]["document"], next((a for a in absorbed if a["doc"] == doc), {})
+        missed = record.get("study_missed")
+        asked = missed + record["study_recalled"] if "study_recalled" in record else \
+            [q for q, _, _ in distill.study_pairs(text, cfg)]
+        where = lambda q: flat(distill.key_sentence(distill.asked_key(q) or "", text) or "")   # the sentence asked for
+        found[doc] = ([(distill.asked_key(q), where(q)) for q in asked if distill.asked_key(q)],
+                      None if missed is None else [where(q) for q in missed])
+    if not found:
+        return []
+    lines = ["", "The address gap: questions outside the budget whose evidence lies in a sentence the self-study "
+                 "quoted: recited in the study's wordings (the recall check), answered in the user's (lift+studied: "
+                 "asked in the study's wording too)", "",
+             "| mode (adapter) | asked | the study's wording recites the sentence whole | the question holds its key "
+             "| answered | of those, holding the key |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rs in groups.items():
+        if rs[0]["adapter"] == "none":
+            continue
+        row = Counter()
+        for r in (r for r in rs if r.get("in_budget") is False and r["doc"] in found):
+            studied, missed = found[r["doc"]]               # missed: None when the run did not check recall
+            q = bench[r["doc"]]["questions"][r["q"]]
+            ev = flat(q.get("evidence") or q["answers"][0])
+            keys = [k for k, sentence in studied if ev in sentence]
+            if not keys:
+                continue
+            held = any(f" {normalize(k)} " in f" {normalize(q['question'])} " for k in keys)
+            row.update(asked=1, held=held, answered=bool(r["contains"]), both=held and bool(r["contains"]),
+                       recited=missed is not None and len(keys) > sum(ev in sentence for sentence in missed))
+        recited = row["recited"] if all(m is not None for _, m in found.values()) else "–"   # no recall check run
+        lines.append(f"| {name} | {row['asked']} | {recited} | {row['held']} | {row['answered']} | {row['both']} |")
+    return lines
+
+
 def label(r: dict) -> str:
     return r["mode"] if r["adapter"] == "none" else f"{r['mode']} ({r['adapter']})"
 
@@ -123,20 +170,31 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     return text
 
 
+def run_settings(folder: Path) -> DataConfig:
+    """The data settings a finished run was made with: the first line of its summary.md."""
+    line = (folder / "summary.md").open().readline() if (folder / "summary.md").is_file() else ""
+    return DataConfig(**json.loads(line.split("`")[1])["data"]) if line.startswith("Settings: `") else DataConfig()
+
+
 if __name__ == "__main__":    # python summary.py [--bench FILE] RUN_FOLDER...: tables over finished runs
     import argparse
     cli = argparse.ArgumentParser(description="The repeated-reply table of finished `eval.py run` folders, and with "
-                                              "--bench the recital table (which replies recite the document, from where)")
+                                              "--bench the recital table (which replies recite the document, from "
+                                              "where) and the address gap (a studied sentence recited in the study's "
+                                              "wording, missed in the user's)")
     cli.add_argument("folders", nargs="+")
     cli.add_argument("--bench", help="the benchmark the runs answered (its documents' text)")
     args = cli.parse_args()
-    documents = {d["id"]: d["document"] for d in read_benchmark(args.bench)} if args.bench else {}
-    for folder in args.folders:
-        if not (Path(folder) / "records.jsonl").is_file():
+    bench = {d["id"]: d for d in read_benchmark(args.bench)} if args.bench else {}
+    documents = {i: d["document"] for i, d in bench.items()}
+    for folder in map(Path, args.folders):
+        if not (folder / "records.jsonl").is_file():
             cli.error(f"{folder}: no records.jsonl (not a finished `eval.py run` folder)")
         groups: dict[str, list[dict]] = {}
-        for line in (Path(folder) / "records.jsonl").open():
+        for line in (folder / "records.jsonl").open():
             r = json.loads(line)
             groups.setdefault(label(r), []).append(r)
-        tables = openings_table(groups) + (recital_table(groups, documents) if documents else [])
+        absorbed = [json.loads(l) for l in (folder / "absorb.jsonl").open()] if (folder / "absorb.jsonl").exists() else []
+        tables = openings_table(groups) + (recital_table(groups, documents) if documents else []) + \
+            (address_table(groups, absorbed, bench, run_settings(folder)) if bench else [])
         print(f"## {folder}\n" + "\n".join(tables) + "\n")

@@ -277,3 +277,51 @@ def test_recital_tells_the_right_place_from_another(tmp_path):
                                       rec("The licence is governed by the law of the defendant's", False),
                                       rec("I do not know.", False), rec("The licence ends after thirty days", True)]}
     assert "| lift (gated_memory) | 3 | 2 | 1 | 0 |" in recital_table(groups, {"d": doc})
+
+
+def test_address_table_tells_a_fact_stored_but_not_reached_from_one_never_studied():
+    from data import DataConfig
+    from distill import key_sentence, asked_key, study_pairs
+    from summary import address_table
+    text = ("The sundial was carved by Marta Voss in 1802. The bells ring twice at dusk. "
+            "The ferry leaves from the northern pier. The market closes early on feast days.")
+    cfg = DataConfig(distill=100, study="keys")
+    bench = {"d": {"document": text, "questions": [
+        {"question": "Who carved the sundial, Marta Voss or another?", "answers": ["Marta Voss"],
+         "evidence": "carved by Marta Voss"},
+        {"question": "How often do the bells ring?", "answers": ["twice"], "evidence": "ring twice"},
+        {"question": "Where does the boat leave from?", "answers": ["northern pier"], "evidence": "the northern pier"},
+        {"question": "When is the market open?", "answers": ["early"], "evidence": "closes early"}]}}
+    studied = [q for q, _, _ in study_pairs(text, cfg) if "market" not in key_sentence(asked_key(q), text)]
+    bells = [q for q in studied if "bells" in key_sentence(asked_key(q), text)]
+    absorbed = [{"doc": "d", "study_missed": bells, "study_recalled": [q for q in studied if q not in bells]}]
+    rec = lambda q, hit, inside=False: {"doc": "d", "q": q, "mode": "lift+icl", "adapter": "gated_memory",
+                                        "contains": hit, "in_budget": inside}
+    groups = {"lift+icl (gated_memory)": [rec(0, True), rec(1, False), rec(2, False), rec(3, True), rec(0, False, True)]}
+    # studied and outside: questions 0-2 (3's sentence is not in the recorded study set; the last is inside);
+    # recited in the study's wording: 0 and 2; holding a key: 0 ("Marta Voss", "sundial") and 1 ("bells")
+    assert "| lift+icl (gated_memory) | 3 | 2 | 2 | 1 | 1 |" in address_table(groups, absorbed, bench, cfg)
+    no_recall = address_table(groups, [{"doc": "d"}], bench, cfg)          # rebuilt from the settings, no recall check
+    assert "| lift+icl (gated_memory) | 4 | – | 3 | 2 | 2 |" in no_recall          # "market" is a key too
+    assert address_table(groups, absorbed, bench, DataConfig()) == []       # no study: no table
+
+
+def test_the_studied_probe_asks_the_study_question_on_each_questions_evidence(tiny_dir, tmp_path):
+    import eval as ev
+    from checkpoint import load_model
+    from data import DataConfig, DataError
+    from distill import study_pairs
+    from lift import TrainConfig
+    _, tok = load_model(str(tiny_dir))
+    doc = bm.generate_facts_document(tok, 300, 2, seed=0)
+    args = dict(modes=["lift+icl", "lift+studied"], adapters=["gated_memory"], model_name=str(tiny_dir),
+                max_new_tokens=4, train_cfg=TrainConfig(epochs=1, dtype="float32", anchor=0.0), train_qa=False, lora_rank=2)
+    cfg = DataConfig(window=64, context=64, qa_start_epoch=0, distill=2)          # two names: one holds a fact
+    records = ev.run([doc], tmp_path / "run", data_cfg=cfg, **args)
+    asked = {m: [r["question"] for r in records if r["mode"] == m] for m in ("lift+icl", "lift+studied")}
+    (_, filler), (about_year, year) = [(q, r) for q, r, _ in study_pairs(tok.decode(tok.encode(doc["document"])), cfg)]
+    assert [q["answers"][0] in year for q in doc["questions"]] == [False, True]
+    assert len(asked["lift+icl"]) == 2 and asked["lift+studied"] == [about_year]    # only the studied fact, in its wording
+    assert [r["answers"] for r in records if r["mode"] == "lift+studied"] == [doc["questions"][1]["answers"]]
+    with pytest.raises(DataError, match="lift\\+studied"):
+        ev.run([doc], tmp_path / "other", data_cfg=DataConfig(window=64, context=64), **args)
