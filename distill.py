@@ -32,8 +32,8 @@
        the augmentation that lets fine-tuned facts be retrieved by other questions (several
        phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
      - or phrases (--study phrases): as keys, but each key asked inside its own words, the
-       PHRASE_WORDS words on each side of it in its sentence ("What do we learn about the
-       contents of the NOTICE file from the text?"). On the licences a user's question held the
+       PHRASE_WORDS words on each side of it in its sentence ("What happened with The contents
+       of the, according to the text?"). On the licences a user's question held the
        very word the adapter studied as a key and still missed: the key was studied alone in
        quotes, the user writes it among the sentence's other words (results/NOTEBOOK.md, "The
        address gap");
@@ -194,7 +194,7 @@ def keys(text: str) -> list[tuple[str, str]]:
 
 def phrase(key: str, sentence: str) -> str:
     """`key` with the PHRASE_WORDS words on each side of its first place in `sentence`, the way a
-    user's question quotes a sentence's words: "contents" → "The contents of the NOTICE"."""
+    user's question quotes a sentence's words: "contents" → "The contents of the"."""
     bare = lambda w: re.sub(r"^\W+|\W+$", "", w)           # a word without its quotes, brackets, commas
     words, first = [w for w in map(bare, sentence.split()) if w], key.strip('"').split()
     at = next((i for i, w in enumerate(words) if w == first[0]), None)   # case counts, as in keys()
