@@ -290,6 +290,12 @@ def recalled(model, tok, doc: list[int], cfg: DataConfig, dtype: str) -> list[tu
             for question, _, expected in study_pairs(tok.decode(doc), cfg)]
 
 
+def evidence(question: dict) -> str:
+    """A benchmark question's verbatim evidence (else its first answer), spacing flattened: what a
+    study reply must hold for the study to have asked about the question's fact."""
+    return " ".join((question.get("evidence") or question["answers"][0]).split())
+
+
 def studied(text: str, cfg: DataConfig, questions: list[dict], tok=None, tokens: int = 0) -> list[bool]:
     """For each benchmark question, whether one of the self-study replies of `text` holds its fact:
     the question's verbatim evidence when it has one, else one of its answers (spaces aside). A

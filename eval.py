@@ -103,9 +103,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
             if "lift+studied" in modes:      # the study's own question for each question's evidence, if any
-                flat, pairs = lambda t: " ".join(t.split()), distill.study_pairs(tok.decode(ids), data_cfg)
-                evidence = lambda q: flat(q.get("evidence") or q["answers"][0])
-                studied_as |= {(doc["id"], i): next((sq for sq, reply, _ in pairs if evidence(q) in flat(reply)), None)
+                pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in distill.study_pairs(tok.decode(ids), data_cfg)]
+                studied_as |= {(doc["id"], i): next((sq for sq, reply in pairs if distill.evidence(q) in reply), None)
                                for i, q in enumerate(doc["questions"])}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):

@@ -87,7 +87,7 @@ def address_table(groups: dict[str, list[dict]], absorbed: list[dict], bench: di
         asked = missed + record["study_recalled"] if "study_recalled" in record else \
             [q for q, _, _ in distill.study_pairs(text, cfg)]
         where = lambda q: flat(distill.key_sentence(distill.asked_key(q) or "", text) or "")   # the sentence asked for
-        found[doc] = ([(distill.asked_key(q), where(q)) for q in asked if distill.asked_key(q)],
+        found[doc] = ([(key, where(q)) for q in asked if (key := distill.asked_key(q))],
                       None if missed is None else [where(q) for q in missed])
     if not found:
         return []
@@ -103,7 +103,7 @@ def address_table(groups: dict[str, list[dict]], absorbed: list[dict], bench: di
         for r in (r for r in rs if r.get("in_budget") is False and r["doc"] in found):
             studied, missed = found[r["doc"]]               # missed: None when the run did not check recall
             q = bench[r["doc"]]["questions"][r["q"]]
-            ev = flat(q.get("evidence") or q["answers"][0])
+            ev = distill.evidence(q)
             keys = [k for k, sentence in studied if ev in sentence]
             if not keys:
                 continue
