@@ -170,6 +170,34 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     return text
 
 
+def runs_table(runs: dict[str, list[dict]], absorbed: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: one row per finished run (its records and absorb lines), answered/asked outside
+    · inside the budget by mode, the gate on document questions over general ones, how often the
+    general questions get the base's reply, and the sums over the runs: whether a result holds over
+    seeds, not on one."""
+    modes = list(dict.fromkeys(label(r) for rs in runs.values() for r in rs))
+    count = lambda rs, inside: (sum(bool(r["contains"]) for r in rs if r.get("in_budget") is inside),
+                                sum(r.get("in_budget") is inside for r in rs))
+    cell = lambda o, i: f"{o[0]}/{o[1]} · {i[0]}/{i[1]}"
+    lines = ["", "Over the runs: answered/asked, outside · inside the budget", "",
+             "| run | " + " | ".join(modes) + " | gate, document / general | general replies the base's, lift / lift+icl |",
+             "|---|" + "---:|" * (len(modes) + 2)]
+    total = {m: [0, 0, 0, 0] for m in modes}
+    for name, rs in runs.items():
+        cells = []
+        for m in modes:
+            o, i = count([r for r in rs if label(r) == m], False), count([r for r in rs if label(r) == m], True)
+            total[m] = [a + b for a, b in zip(total[m], o + i)]
+            cells.append(cell(o, i))
+        ours = absorbed.get(name, [])
+        gates = ", ".join(f"{a['gate_document'] / a['gate_general']:.2f}×" for a in ours if a.get("gate_general"))
+        same = ", ".join(f"{a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f}"
+                         for a in ours if "general_same_lift" in a)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates or '–'} | {same or '–'} |")
+    lines.append("| **all** | " + " | ".join(cell(t[:2], t[2:]) for t in total.values()) + " | | |")
+    return lines
+
+
 def run_settings(folder: Path) -> DataConfig:
     """The data settings a finished run was made with: the first line of its summary.md."""
     line = (folder / "summary.md").open().readline() if (folder / "summary.md").is_file() else ""
@@ -181,20 +209,24 @@ if __name__ == "__main__":    # python summary.py [--bench FILE] RUN_FOLDER...: 
     cli = argparse.ArgumentParser(description="The repeated-reply table of finished `eval.py run` folders, and with "
                                               "--bench the recital table (which replies recite the document, from "
                                               "where) and the address gap (a studied sentence recited in the study's "
-                                              "wording, missed in the user's)")
+                                              "wording, missed in the user's); with several folders, their counts side by side and summed")
     cli.add_argument("folders", nargs="+")
     cli.add_argument("--bench", help="the benchmark the runs answered (its documents' text)")
     args = cli.parse_args()
     bench = {d["id"]: d for d in read_benchmark(args.bench)} if args.bench else {}
     documents = {i: d["document"] for i, d in bench.items()}
+    runs, absorbs = {}, {}
     for folder in map(Path, args.folders):
         if not (folder / "records.jsonl").is_file():
             cli.error(f"{folder}: no records.jsonl (not a finished `eval.py run` folder)")
         groups: dict[str, list[dict]] = {}
-        for line in (folder / "records.jsonl").open():
-            r = json.loads(line)
+        runs[folder.name] = [json.loads(line) for line in (folder / "records.jsonl").open()]
+        for r in runs[folder.name]:
             groups.setdefault(label(r), []).append(r)
-        absorbed = [json.loads(l) for l in (folder / "absorb.jsonl").open()] if (folder / "absorb.jsonl").exists() else []
+        absorbs[folder.name] = absorbed = [json.loads(l) for l in (folder / "absorb.jsonl").open()] \
+            if (folder / "absorb.jsonl").exists() else []
         tables = openings_table(groups) + (recital_table(groups, documents) if documents else []) + \
             (address_table(groups, absorbed, bench, run_settings(folder)) if bench else [])
         print(f"## {folder}\n" + "\n".join(tables) + "\n")
+    if len(runs) > 1:
+        print("\n".join(runs_table(runs, absorbs)))

@@ -325,3 +325,18 @@ def test_the_studied_probe_asks_the_study_question_on_each_questions_evidence(ti
     assert [r["answers"] for r in records if r["mode"] == "lift+studied"] == [doc["questions"][1]["answers"]]
     with pytest.raises(DataError, match="lift\\+studied"):
         ev.run([doc], tmp_path / "other", data_cfg=DataConfig(window=64, context=64), **args)
+
+
+def test_runs_table_puts_runs_side_by_side_and_sums_them():
+    from summary import runs_table
+    rec = lambda mode, inside, hit: {"mode": mode, "adapter": "gated_memory" if mode != "icl" else "none",
+                                     "contains": hit, "in_budget": inside}
+    runs = {"seed1": [rec("icl", False, True), rec("lift+icl", False, True), rec("lift+icl", False, True),
+                      rec("lift+icl", True, False)],
+            "seed2": [rec("icl", False, False), rec("lift+icl", False, False), rec("lift+icl", True, True)]}
+    absorbed = {"seed1": [{"gate_document": 0.06, "gate_general": 0.02, "general_same_lift": 1.0,
+                           "general_same_lift+icl": 0.98}]}
+    lines = runs_table(runs, absorbed)
+    assert "| seed1 | 1/1 · 0/0 | 2/2 · 0/1 | 3.00× | 1.00 / 0.98 |" in lines
+    assert "| seed2 | 0/1 · 0/0 | 0/1 · 1/1 | – | – |" in lines       # nothing absorbed recorded: no gate
+    assert "| **all** | 1/2 · 0/0 | 2/3 · 1/2 | | |" in lines
