@@ -33,10 +33,10 @@
        phrasings of each fact; Allen-Zhu & Li's "Physics of Language Models", part 3.1);
      - or phrases (--study phrases): as keys, but each key asked inside its own words, the
        PHRASE_WORDS words on each side of it in its sentence ("What happened with The contents
-       of the, according to the text?"). On the licences a user's question held the
-       very word the adapter studied as a key and still missed: the key was studied alone in
-       quotes, the user writes it among the sentence's other words (results/NOTEBOOK.md, "The
-       address gap");
+       of the, according to the text?"). On the licences a user's question held the very word
+       studied as a key and still missed: the key was studied alone in quotes, the user writes it
+       among the sentence's other words (results/NOTEBOOK.md, "The address gap"). `route` asks,
+       in place of a user's question, the study's question on a key the user's question holds;
      - with --phrasings K, every quoting question (quote, keys, phrases, both) in K of those wordings: a
        fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
        (storage.py measures it);
@@ -139,9 +139,7 @@ def names(text: str) -> list[str]:
 
 def spread(items: list, limit: int) -> list:
     """At most `limit` of `items`, evenly spread over the list (so over the whole document)."""
-    if len(items) <= limit:
-        return items
-    return [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
+    return items if len(items) <= limit else [items[round(i * (len(items) - 1) / max(1, limit - 1))] for i in range(limit)]
 
 
 def statements(text: str, limit: int, numbers: bool = False, distinct: bool = False) -> list[tuple[str, str]]:
@@ -227,6 +225,19 @@ def key_sentence(key: str, text: str) -> str | None:
     return next((s for s in sentences(text) if len(s.split()) > 3 and bare(key) in bare(s)), None)
 
 
+def route(question: str, text: str, cfg: DataConfig) -> str | None:
+    """The study's own question on the longest studied key a user's question holds (case and
+    punctuation aside) that at most KEY_SENTENCES sentences hold ("You" is everywhere), or None: the
+    address the adapter stored a sentence under, read off the user's words (eval.py's lift+routed;
+    results/NOTEBOOK.md, "Routing a question to its key")."""
+    words, chosen = lambda t: f" {' '.join(re.findall(r'[a-z0-9]+', t.lower()))} ", studied_keys(text, cfg)
+    told = [words(s) for s in sentences(text)]
+    held = [i for i, (k, _) in enumerate(chosen) if words(k).strip() and words(k) in words(question)
+            and sum(words(k) in s for s in told) <= KEY_SENTENCES]
+    longest = max(held, key=lambda i: len(words(chosen[i][0])), default=None)
+    return None if longest is None else study_pairs(text, cfg)[longest * cfg.phrasings][0]   # its first wording
+
+
 def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(question, reply, what a correct reply contains) for each self-study question of --study;
     a quoting question in cfg.phrasings phrasings (the first: QUESTION, or for keys the next in turn)."""
@@ -300,10 +311,9 @@ def studied(text: str, cfg: DataConfig, questions: list[dict], tok=None, tokens:
     """For each benchmark question, whether one of the self-study replies of `text` holds its fact:
     the question's verbatim evidence when it has one, else one of its answers (spaces aside). A
     question whose fact no study reply holds can only come from the windows: this splits what the
-    study set reached from what it never showed (eval.py's summary). With tok and tokens, the
-    reply must also give one of the answers within its first `tokens` tokens: an answer of that
-    length that recites the reply could not contain it otherwise (a licence's sentences are long;
-    results/NOTEBOOK.md, "Keys on a licence")."""
+    study set reached from what it never showed (eval.py's summary). With tok and tokens, a reply
+    must also give an answer within its first `tokens` tokens, as an answer of that length that
+    recites it would (a licence's sentences are long; results/NOTEBOOK.md, "Keys on a licence")."""
     flat = lambda t: " ".join(t.split())
     replies = [flat(reply) for _, reply, _ in study_pairs(text, cfg)]
     heads = [tok.decode(tok.encode(r)[:tokens]).lower() if tok and tokens else None for r in replies]

@@ -15,7 +15,10 @@ of the truncated document, a budget-sized passage that holds the question's evid
 what the model makes of the evidence when it is in front of it, and whether an adapter keeps
 that reading or talks over it. One probe, lift+studied (with --distill): LIFT+ICL asked, in place
 of the user's question, the self-study question whose reply holds the question's evidence, in
-the study's own wording: whether the adapter holds the fact that the user's wording misses.
+the study's own wording: whether the adapter holds the fact that the user's wording misses. And
+lift+routed (with --distill), which a user could run: LIFT+ICL asked the study's question on the
+longest studied key that the user's question holds (distill.route), with the adapter on whatever
+--switch would say (the route says the question is about the document); else the user's question.
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
 judge. A run writes records.jsonl (one line per question, mode and adapter; an interrupted run
@@ -50,7 +53,7 @@ from switch import switch_decision
 
 ADAPTER_NAMES = ("gated_memory", "lora")
 READING = {"evidence": "icl", "lift+evidence": "lift+icl"}   # a reading mode → the mode it answers in
-ANSWERED_AS = {**READING, "lift+studied": "lift+icl"}          # a probe mode → the mode it answers in
+ANSWERED_AS = {**READING, "lift+studied": "lift+icl", "lift+routed": "lift+icl"}   # → the mode it answers in
 MODES = lift.MODES + tuple(ANSWERED_AS)
 BASE_MODES = lift.BASE_MODES + ("evidence",)                  # answered with any adapter switched off
 
@@ -72,8 +75,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
     from tqdm import tqdm
-    if "lift+studied" in modes and not data_cfg.distill:
-        raise DataError("the lift+studied probe asks the self-study questions: give --distill N (or --recipe study)")
+    if {"lift+studied", "lift+routed"} & set(modes) and not data_cfg.distill:
+        raise DataError("lift+studied and lift+routed ask self-study questions: give --distill N (or --recipe study)")
     ids_seen = [d["id"] for d in docs]
     if len(set(ids_seen)) != len(ids_seen):
         raise DataError(f"document ids repeat ({sorted({i for i in ids_seen if ids_seen.count(i) > 1})[:3]}): "
@@ -93,7 +96,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     done = {(r["doc"], r["q"], r["mode"], r["adapter"]) for r in records}
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
     reached = {}                      # (doc, question) → whether a self-study reply holds its fact, early enough
-    studied_as = {}                   # (doc, question) → the self-study question on its evidence (lift+studied)
+    asked_as = {}                     # (doc, question, mode) → what lift+studied or lift+routed asks in its place
     for doc in docs:                  # every question must fit before any training starts
         ids = tok.encode(doc["document"])
         for q in doc["questions"]:
@@ -104,8 +107,11 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
             if "lift+studied" in modes:      # the study's own question for each question's evidence, if any
                 pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in distill.study_pairs(tok.decode(ids), data_cfg)]
-                studied_as |= {(doc["id"], i): next((sq for sq, reply in pairs if distill.evidence(q) in reply), None)
-                               for i, q in enumerate(doc["questions"])}
+                asked_as |= {(doc["id"], i, "lift+studied"): next((sq for sq, reply in pairs if distill.evidence(q) in reply),
+                                                                  None) for i, q in enumerate(doc["questions"])}
+            if "lift+routed" in modes:       # the study's question on a key the user's holds, else the user's own
+                asked_as |= {(doc["id"], i, "lift+routed"): distill.route(q["question"], tok.decode(ids), data_cfg)
+                             or q["question"] for i, q in enumerate(doc["questions"])}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
         adapter = adapter_kind + ("+sft" if init and adapter_kind == "gated_memory" else "")
@@ -157,19 +163,21 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                     continue        # the upper bound exists only where the whole document fits
                 if mode in READING and q.get("evidence_pos") is None:
                     continue        # a reading mode needs to know where the evidence is
-                question = studied_as.get((doc["id"], i)) if mode == "lift+studied" else q["question"]
+                question = asked_as.get((doc["id"], i, mode)) if mode in ("lift+studied", "lift+routed") else q["question"]
                 if question is None:
                     continue        # the probe asks only what the study asked
                 seen = bm.evidence_window(ids, q["evidence_pos"], data_cfg.context) if mode in READING else ids
+                routed = mode == "lift+routed" and question != q["question"]   # a route says "about the document":
+                gated = switch and mode not in BASE_MODES and not routed       # the adapter answers, whatever the gate
                 t = time.perf_counter()
                 pred = lift.answer(model, tok, question, seen, mode=ANSWERED_AS.get(mode, mode), context=data_cfg.context,
-                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=switch)
+                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=gated)
                 r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in BASE_MODES else "none",
                      "question": question, "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
                      "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
                      "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key,
-                     **switched(model, switch and mode not in BASE_MODES)}
+                     **switched(model, gated), **({"routed": True} if routed else {})}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 records.append(r)

@@ -24,6 +24,7 @@ from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
 from distill import RECIPE_HELP, RECIPES, show_study
+from distill import route as route_question
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args, recipe_defaults
@@ -68,6 +69,10 @@ def parser(argv=None) -> argparse.ArgumentParser:
                    help="Gated Memory answers only the questions that open its gate more than any unrelated prompt of "
                         "the anchor; the base model answers the rest, exactly as without LIFT (our extension, switch.py; "
                         "--no-switch: the paper's answering, always with the adapter)")
+    p.add_argument("--route", action="store_true",
+                   help="with --distill's keys (--study keys or phrases): a question holding one of the study's rare "
+                        "keys is asked as the study asked it, the adapter answering whatever the switch says (our "
+                        "extension, distill.route; results/NOTEBOOK.md, \"Routing a question to its key\")")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--show-study", action="store_true", help="print the self-study questions and replies that "
                    "--distill N (or --recipe study) would train on, and stop: no model, no training")
@@ -88,7 +93,7 @@ def pick_device(name: str) -> torch.device:
 def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataConfig, train_cfg: TrainConfig,
          qa: str | None, synth_qa: int, adapter: str | None, no_cache: bool, device: str, threads: int,
          max_new_tokens: int, quiet: bool, init: str | None = None, lora_rank: int = 0, head_lora: int = 0,
-         switch: bool = True) -> int:
+         switch: bool = True, route: bool = False) -> int:
     from checkpoint import load_model
     if max_new_tokens < 1 or synth_qa < 0 or threads < 0 or lora_rank < 0:
         raise UserError("--max-new-tokens must be at least 1; --synth-qa, --threads and --lora-rank cannot be negative")
@@ -98,6 +103,9 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
         raise UserError(f"--head-lora {head_lora}: a non-negative rank, and part of Gated Memory (not with --lora-rank)")
     if head_lora and init:
         raise UserError("--head-lora: `train.py sft` makes a Gated Memory without the head LoRA; --init cannot start one")
+    if route and (not data_cfg.distill or mode == "icl"):
+        raise UserError("--route asks the self-study questions of the adapter: give --distill N (or --recipe study), "
+                        "and a mode with the adapter")
     if any(not q.strip() for q in ask):
         raise UserError("empty question")
     if threads:
@@ -125,13 +133,14 @@ def main(doc: str, ask: list[str], model: str | None, mode: str, data_cfg: DataC
             load_thresholds(base, adapter_file)                  # an earlier process's, for this adapter
 
     def respond(q: str):
-        print(f"Q: {q}\nA: ", end="", flush=True)
-        answer(base, tok, q, doc_ids, mode=mode, context=data_cfg.context, max_new_tokens=max_new_tokens,
-               dtype=train_cfg.dtype, switch=switch, stream=lambda s: print(s, end="", flush=True))
+        routed = route_question(q, tok.decode(doc_ids), data_cfg) if route else None   # the study's address for q
+        print(f"Q: {q}\n" + (f"(asked as the study asked it: {routed})\n" if routed else "") + "A: ", end="", flush=True)
+        answer(base, tok, routed or q, doc_ids, mode=mode, context=data_cfg.context, max_new_tokens=max_new_tokens,
+               dtype=train_cfg.dtype, switch=switch and not routed, stream=lambda s: print(s, end="", flush=True))
         print()
         if switch and adapter_file:
             save_thresholds(base, adapter_file)                  # the next process skips the 48 passes
-        if switch and mode != "icl" and (decided := switch_decision(base)):
+        if switch and mode != "icl" and not routed and (decided := switch_decision(base)):
             print(f"(switch: the question's mean gate {decided['gate']:.4f} "
                   + ("> " if decided["adapter_used"] else "≤ ")
                   + f"{decided['threshold']:.4f}, the most open unrelated prompt's: "
@@ -172,7 +181,7 @@ def cli(argv=None) -> int:
                     train_cfg=from_args(TrainConfig, args), qa=args.qa, synth_qa=args.synth_qa, adapter=args.adapter,
                     no_cache=args.no_cache, device=args.device, threads=args.threads,
                     max_new_tokens=args.max_new_tokens, quiet=args.quiet, init=args.init,
-                    lora_rank=args.lora_rank, head_lora=args.head_lora, switch=args.switch)
+                    lora_rank=args.lora_rank, head_lora=args.head_lora, switch=args.switch, route=args.route)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

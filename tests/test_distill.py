@@ -212,6 +212,19 @@ def test_phrases_ask_each_key_among_its_own_words_and_point_back_at_their_senten
     assert asked_key("Where is the file?") is None
 
 
+def test_route_asks_the_study_question_on_the_longest_rare_key_the_users_question_holds():
+    from distill import asked_key, key_sentence, route, study_pairs
+    text = ("You must keep the NOTICE file intact. You may add a thermometer reading to it. "
+            "You may not remove the Apache Software Foundation attribution. You owe nothing else.")
+    cfg = DataConfig(distill=100, study="phrases", phrasings=2)
+    asked = route("May I delete the apache software foundation attribution?", text, cfg)   # case and punctuation aside
+    assert asked in [q for q, _, _ in study_pairs(text, cfg)][::2]                       # a first wording
+    assert key_sentence(asked_key(asked), text).startswith("You may not remove")        # the longest key held
+    assert route("What do You owe?", text, cfg) is None          # "You" is in four sentences: no address
+    assert route("Where is the weather station?", text, cfg) is None
+    assert asked_key(route("What reading may I add?", text, DataConfig(distill=100, study="keys"))) == "reading"
+
+
 def test_phrasings_ask_each_quoted_fact_in_that_many_wordings_and_leave_cloze_alone():
     from distill import CLOZE, KEY_QUESTIONS, keys, study_pairs
     text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."

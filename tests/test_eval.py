@@ -306,11 +306,11 @@ def test_address_table_tells_a_fact_stored_but_not_reached_from_one_never_studie
     assert address_table(groups, absorbed, bench, DataConfig()) == []       # no study: no table
 
 
-def test_the_studied_probe_asks_the_study_question_on_each_questions_evidence(tiny_dir, tmp_path):
+def test_the_studied_probe_and_the_routed_mode_ask_study_questions_in_place_of_the_users(tiny_dir, tmp_path):
     import eval as ev
     from checkpoint import load_model
     from data import DataConfig, DataError
-    from distill import study_pairs
+    from distill import route, study_pairs
     from lift import TrainConfig
     _, tok = load_model(str(tiny_dir))
     doc = bm.generate_facts_document(tok, 300, 2, seed=0)
@@ -319,10 +319,19 @@ def test_the_studied_probe_asks_the_study_question_on_each_questions_evidence(ti
     cfg = DataConfig(window=64, context=64, qa_start_epoch=0, distill=2)          # two names: one holds a fact
     records = ev.run([doc], tmp_path / "run", data_cfg=cfg, **args)
     asked = {m: [r["question"] for r in records if r["mode"] == m] for m in ("lift+icl", "lift+studied")}
-    (_, filler), (about_year, year) = [(q, r) for q, r, _ in study_pairs(tok.decode(tok.encode(doc["document"])), cfg)]
+    text = tok.decode(tok.encode(doc["document"]))
+    (_, filler), (about_year, year) = [(q, r) for q, r, _ in study_pairs(text, cfg)]
     assert [q["answers"][0] in year for q in doc["questions"]] == [False, True]
     assert len(asked["lift+icl"]) == 2 and asked["lift+studied"] == [about_year]    # only the studied fact, in its wording
     assert [r["answers"] for r in records if r["mode"] == "lift+studied"] == [doc["questions"][1]["answers"]]
+    # lift+routed: a question holding a studied name ("Eltenmir") is asked the study's question on it;
+    # the rest as the user wrote them. The adapter comes from the cache: no second training.
+    extra = {**doc["questions"][1], "question": "Who was born in the town of Eltenmir?"}
+    routed_doc = {**doc, "questions": doc["questions"] + [extra]}
+    routed = ev.run([routed_doc], tmp_path / "routed", data_cfg=cfg, **{**args, "modes": ["lift+routed"]})
+    assert [r["question"] for r in routed] == [q["question"] for q in doc["questions"]] + [about_year]
+    assert [r.get("routed", False) for r in routed] == [False, False, True]
+    assert route(extra["question"], text, cfg) == about_year
     with pytest.raises(DataError, match="lift\\+studied"):
         ev.run([doc], tmp_path / "other", data_cfg=DataConfig(window=64, context=64), **args)
 

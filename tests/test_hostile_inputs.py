@@ -51,6 +51,7 @@ CASES = [   # (what, document text or None for the default, extra flags, message
     ("CT prefix + window too long", None, ["--contextualized", "--context", "200", "--window", "400"], "do not fit"),
     ("question too long", None, ["--ask", "why " * 600], "do not fit"),
     ("epochs 0", None, ["--epochs", "0"], "at least one epoch"),
+    ("route without a study", None, ["--route"], "--route asks"),
 ]
 
 

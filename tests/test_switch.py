@@ -109,3 +109,27 @@ def test_the_thresholds_are_kept_beside_the_adapter_for_the_next_process_and_onl
     passes.clear()
     assert train.cli(args) == 0
     assert len(passes) == 1 + len(anchor_questions()) + 1 and capsys.readouterr().out == first.out
+
+
+def test_a_routed_question_is_asked_as_the_study_asked_it_and_the_adapter_answers(tiny_dir, tmp_path, capsys):
+    """train.py --route: a question holding a studied key is asked in the study's wording, and the
+    switch does not send it to the base model (no "(switch: …)" line); one holding none is asked as
+    written, through the switch."""
+    import train
+    from data import DataConfig
+    from distill import route
+    text = ("The mill was built in 1724 by Edric Hallowmere. The banker Ferdinand Oakes lent 3,000 silver crowns. "
+            "The river froze in the winter of 1743.")
+    doc = tmp_path / "d.txt"
+    doc.write_text(text)
+    args = ["--doc", str(doc), "--model", str(tiny_dir), "--window", "32", "--context", "48", "--epochs", "1",
+            "--dtype", "float32", "--max-new-tokens", "3", "--quiet", "--distill", "4", "--study", "keys", "--route",
+            "--qa-start-epoch", "0"]
+    assert train.cli(args + ["--ask", "Who lent the silver crowns?"]) == 0
+    routed = capsys.readouterr()
+    _, tok = load_model(str(tiny_dir))
+    asked = route("Who lent the silver crowns?", tok.decode(tok.encode(text)), DataConfig(distill=4, study="keys"))
+    assert asked and f"(asked as the study asked it: {asked})" in routed.out and "(switch: " not in routed.err
+    assert train.cli(args + ["--ask", "What is the weather?"]) == 0
+    plain = capsys.readouterr()
+    assert "asked as the study" not in plain.out and "(switch: " in plain.err
