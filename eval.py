@@ -146,6 +146,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             after = lift.document_loss(model, ids, data_cfg, train_cfg.dtype)
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
                                     adapter, switch) if general else {}
+            if general and "lift+routed" in modes:   # general questions a route would take to the document
+                extra["general_routed"] = sum(bool(distill.route(g["question"], tok.decode(ids), data_cfg)) for g in general)
             if data_cfg.distill and recall:       # how many of its own self-study questions the adapter answers
                 hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
                 extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))

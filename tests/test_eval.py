@@ -328,7 +328,9 @@ def test_the_studied_probe_and_the_routed_mode_ask_study_questions_in_place_of_t
     # the rest as the user wrote them. The adapter comes from the cache: no second training.
     extra = {**doc["questions"][1], "question": "Who was born in the town of Eltenmir?"}
     routed_doc = {**doc, "questions": doc["questions"] + [extra]}
-    routed = ev.run([routed_doc], tmp_path / "routed", data_cfg=cfg, **{**args, "modes": ["lift+routed"]})
+    general = [{"question": "Where is the town of Eltenmir?", "answers": ["?"]}, {"question": "What is 2+2?", "answers": ["4"]}]
+    routed = ev.run([routed_doc], tmp_path / "routed", data_cfg=cfg, **{**args, "modes": ["lift+routed"]}, general=general)
+    assert json.loads((tmp_path / "routed" / "absorb.jsonl").read_text())["general_routed"] == 1
     assert [r["question"] for r in routed] == [q["question"] for q in doc["questions"]] + [about_year]
     assert [r.get("routed", False) for r in routed] == [False, False, True]
     assert route(extra["question"], text, cfg) == about_year
