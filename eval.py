@@ -103,14 +103,15 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             for m in set(modes) - {"full"}:
                 lift.checked_prompt(model, tok, q["question"], ids, ANSWERED_AS.get(m, m), data_cfg.context, max_new_tokens)
         if data_cfg.distill:
-            hits = distill.studied(tok.decode(ids), data_cfg, doc["questions"], tok, max_new_tokens)
+            text = tok.decode(ids)            # the document as the study reads it
+            hits = distill.studied(text, data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
             if "lift+studied" in modes:      # the study's own question for each question's evidence, if any
-                pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in distill.study_pairs(tok.decode(ids), data_cfg)]
+                pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in distill.study_pairs(text, data_cfg)]
                 asked_as |= {(doc["id"], i, "lift+studied"): next((sq for sq, reply in pairs if distill.evidence(q) in reply),
                                                                   None) for i, q in enumerate(doc["questions"])}
             if "lift+routed" in modes:       # the study's question on a key the user's holds, else the user's own
-                asked_as |= {(doc["id"], i, "lift+routed"): distill.route(q["question"], tok.decode(ids), data_cfg)
+                asked_as |= {(doc["id"], i, "lift+routed"): distill.route(q["question"], text, data_cfg)
                              or q["question"] for i, q in enumerate(doc["questions"])}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
