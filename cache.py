@@ -85,10 +85,11 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
                distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.STUDY_FORMAT]
     prompts += [distill.CLOZE] if data_cfg.study in ("cloze", "both") else []
-    keyed = data_cfg.study in ("keys", "phrases")
+    keyed = data_cfg.study in ("keys", "phrases", "clauses")
     prompts += [distill.KEY_QUESTIONS] if keyed or data_cfg.phrasings > 1 else []
     prompts += [sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if keyed else []
-    prompts += [distill.PHRASE_WORDS] if data_cfg.study == "phrases" else []
+    prompts += [distill.PHRASE_WORDS] if data_cfg.study in ("phrases", "clauses") else []
+    prompts += [distill.CLAUSE_BACK, distill.CLAUSE_WORDS] if data_cfg.study == "clauses" else []
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": learning_settings(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,

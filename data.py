@@ -28,7 +28,7 @@ from typing import Optional
 from options import UserError, option
 
 IGNORE = -100
-STUDIES = ("quote", "sentences", "cloze", "both", "keys", "phrases")      # what --distill's self-study questions ask (distill.study_pairs)
+STUDIES = ("quote", "sentences", "cloze", "both", "keys", "phrases", "clauses")      # what --distill's self-study questions ask (distill.study_pairs)
 REPLIES = ("quote", "plain")                      # how a quoting self-study question is answered
 
 
@@ -53,7 +53,8 @@ class DataConfig:
                                  "with a name or number blanked → that name or number) "
                                  "both (each fact asked both ways) or keys (each sentence quoted under its names, "
                                  "numbers and rare words, in several phrasings) or phrases (as keys, each key "
-                                 "with its neighbouring words)", choices=STUDIES)
+                                 "with its neighbouring words) or clauses (as phrases, each answered from the "
+                                 "start of the key's clause, not of its sentence)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, sentences, keys, both) asked in K phrasings "
                                "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
     study_unrelated: int = option(0, "unrelated questions asked with the document in context, answered as the "

@@ -37,6 +37,11 @@
        studied as a key and still missed: the key was studied alone in quotes, the user writes it
        among the sentence's other words (results/NOTEBOOK.md, "The address gap"). `route` asks,
        in place of a user's question, the study's question on a key the user's question holds;
+     - or clauses (--study clauses): as phrases, but each key answered with its clause, not its
+       whole sentence: from the clause mark (, ; : or a bracket) before the key's phrase, at most
+       CLAUSE_WORDS words. An answer is read in the reply's first tokens (32 in the benchmarks), and
+       a licence's sentence is often a whole clause of the licence: a studied sentence held the
+       answer of 13 of Apache's 16 questions outside the budget, within 32 tokens of 3;
      - with --phrasings K, every quoting question (quote, keys, phrases, both) in K of those wordings: a
        fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
        (storage.py measures it);
@@ -109,6 +114,8 @@ were what when where which while whom will with would your year years""".split()
 KEY_SENTENCES = 3                  # a word in more sentences than this is not a key to any of them
 KEYS_PER_SENTENCE = 4              # the most keys one sentence is asked by
 PHRASE_WORDS = 2                   # --study phrases: the words kept on each side of a key
+CLAUSE_BACK = 8                    # --study clauses: a clause mark this many words before the phrase, at most
+CLAUSE_WORDS = 30                  # ... and the reply's length in words, at most
 # A name: a run of capitalised words ("Theswyn Kaaridun", "Seven Sisters Bridge").
 RUN = re.compile(r"[A-Z][\w'-]+(?: [A-Z][\w'-]+)*")
 # A number of two digits or more, with thousands commas ("1,240", "1743"; "Chapter 1" is no fact).
@@ -201,10 +208,24 @@ def phrase(key: str, sentence: str) -> str:
     return " ".join(words[max(0, at - PHRASE_WORDS):at + len(first) + PHRASE_WORDS])
 
 
+def clause(key: str, sentence: str) -> str:
+    """The part of `sentence` that --study clauses answers `key` with: from just after the last
+    clause mark (a word ending in , ; or :, or starting with a bracket) at most CLAUSE_BACK words
+    before the key's phrase (else from the phrase itself, or from the sentence's start), then
+    CLAUSE_WORDS words at most. A key not in the sentence gets the sentence's first words."""
+    bare = lambda w: re.sub(r"^\W+|\W+$", "", w)
+    words, first = sentence.split(), key.strip('"').split()[0]
+    at = max(0, next((i for i, w in enumerate(words) if bare(w) == first), 0) - PHRASE_WORDS)   # the phrase's start
+    marks = [i for i in range(max(0, at - CLAUSE_BACK), at + 1)
+             if i == 0 or re.search(r"[,;:]$", words[i - 1]) or words[i].startswith(("(", "["))]
+    start = marks[-1] if marks else at                          # the nearest clause start before the phrase
+    return " ".join(words[start:start + CLAUSE_WORDS])
+
+
 def studied_keys(text: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(key, sentence) for each quoting self-study question of --study (none for cloze): the name,
     number or word a question asks about, and the sentence that answers it."""
-    if cfg.study in ("keys", "phrases"):
+    if cfg.study in ("keys", "phrases", "clauses"):
         return spread(keys(text), cfg.distill)
     return statements(text, cfg.distill, distinct=cfg.study == "sentences") if cfg.study != "cloze" else []
 
@@ -247,9 +268,11 @@ def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
         reply = REPLY if cfg.reply == "quote" else PLAIN
         return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), reply.format(statement),
                  statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
-    if cfg.study in ("keys", "phrases"):                     # up to N keys, the wordings in turn
+    if cfg.study in ("keys", "phrases", "clauses"):          # up to N keys, the wordings in turn
         chosen = studied_keys(text, cfg)
-        return quoted([(phrase(k, s), s) for k, s in chosen] if cfg.study == "phrases" else chosen, rotate=True)
+        asked = {"keys": lambda k, s: (k, s), "phrases": lambda k, s: (phrase(k, s), s),
+                 "clauses": lambda k, s: (phrase(k, s), clause(k, s))}[cfg.study]
+        return quoted([asked(k, s) for k, s in chosen], rotate=True)
     quote = quoted(studied_keys(text, cfg), rotate=False) if cfg.study != "cloze" else []
     cloze = [(CLOZE.format(blanked(statement, name)), name, name)
              for name, statement in statements(text, cfg.distill, numbers=True)] if cfg.study in ("cloze", "both") else []

@@ -71,7 +71,7 @@ def parser(argv=None) -> argparse.ArgumentParser:
                         "--no-switch: the paper's answering, always with the adapter)")
     p.add_argument("--route", action="store_true",
                    help="with --distill: a question holding one of the study's rare keys (its names, or with --study "
-                        "keys or phrases its words) is asked as the study asked it, the adapter answering whatever "
+                        "keys, phrases or clauses its words) is asked as the study asked it, the adapter answering whatever "
                         "the switch says (our extension, distill.route; results/NOTEBOOK.md, \"Routing a question to "
                         "its key\")")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

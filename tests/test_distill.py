@@ -212,6 +212,23 @@ def test_phrases_ask_each_key_among_its_own_words_and_point_back_at_their_senten
     assert asked_key("Where is the file?") is None
 
 
+def test_clauses_answer_each_phrase_from_its_clause_not_its_sentences_start():
+    from distill import CLAUSE_WORDS, clause, study_pairs
+    sentence = ("Each Contributor grants to You a perpetual, worldwide, non-exclusive, no-charge, royalty-free, "
+                "irrevocable license to reproduce the Work, except as stated in this section (excluding all registered trademarks).")
+    assert clause('"irrevocable"', sentence).startswith("no-charge, royalty-free, irrevocable")   # its phrase, after a comma
+    assert clause('"reproduce"', sentence).startswith("irrevocable license to reproduce")      # the comma before its phrase
+    assert clause('"trademarks"', sentence).startswith("(excluding all registered")             # a bracket opens one
+    assert clause("Each", sentence).startswith("Each Contributor")                            # the sentence's start
+    words = " ".join(f"word{i}" for i in range(80)) + "."                   # no mark: from the phrase itself
+    assert clause('"word40"', words).split()[0] == "word38" and len(clause('"word40"', words).split()) == CLAUSE_WORDS
+    text = sentence + " The NOTICE file may hold an attribution notice. The file format is plain text."
+    phrased, clauses = (study_pairs(text, DataConfig(distill=100, study=s)) for s in ("phrases", "clauses"))
+    assert [q for q, _, _ in clauses] == [q for q, _, _ in phrased]              # the same questions
+    assert all(c in s for (_, _, c), (_, _, s) in zip(clauses, phrased))   # each reply a part of its sentence
+    assert any(c != s for (_, _, c), (_, _, s) in zip(clauses, phrased))
+
+
 def test_route_asks_the_study_question_on_the_longest_rare_key_the_users_question_holds():
     from distill import asked_key, key_sentence, route, study_pairs
     text = ("You must keep the NOTICE file intact. You may add a thermometer reading to it. "
