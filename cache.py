@@ -22,6 +22,7 @@ from typing import Optional
 import data
 import distill
 import lift
+import study
 import synth_qa
 from adapters import ADAPTERS, attached, load_adapter_file
 from checkpoint import AdapterFileError, fingerprint
@@ -83,13 +84,13 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     tokenizer, every setting, the QA pairs, the prompt texts, the initialisation file. (Not
     --compile: it changes how fast the loop runs, not what it learns beyond rounding.)"""
     prompts = [data.question_messages("{q}", "{c}"), data.RECITE, synth_qa.SYNTH_PROMPT, data.anchor_texts_hash(),
-               distill.ANCHOR_REPLY_TOKENS, distill.QUESTION, distill.REPLY, distill.REPLY_TOKENS, distill.STUDY_FORMAT]
-    prompts += [distill.CLOZE] if data_cfg.study in ("cloze", "both") else []
+               distill.ANCHOR_REPLY_TOKENS, study.QUESTION, study.REPLY, distill.REPLY_TOKENS, distill.STUDY_FORMAT]
+    prompts += [study.CLOZE] if data_cfg.study in ("cloze", "both") else []
     keyed = data_cfg.study in ("keys", "phrases", "clauses")
-    prompts += [distill.KEY_QUESTIONS] if keyed or data_cfg.phrasings > 1 else []
-    prompts += [sorted(distill.FUNCTION_WORDS), distill.KEY_SENTENCES, distill.KEYS_PER_SENTENCE] if keyed else []
-    prompts += [distill.PHRASE_WORDS] if data_cfg.study in ("phrases", "clauses") else []
-    prompts += [distill.CLAUSE_BACK, distill.CLAUSE_WORDS] if data_cfg.study == "clauses" else []
+    prompts += [study.KEY_QUESTIONS] if keyed or data_cfg.phrasings > 1 else []
+    prompts += [sorted(study.FUNCTION_WORDS), study.KEY_SENTENCES, study.KEYS_PER_SENTENCE] if keyed else []
+    prompts += [study.PHRASE_WORDS] if data_cfg.study in ("phrases", "clauses") else []
+    prompts += [study.CLAUSE_BACK, study.CLAUSE_WORDS] if data_cfg.study == "clauses" else []
     train = {k: v for k, v in learning_settings(train_cfg).items() if k != "compile"}
     blob = json.dumps({"base": fingerprint(model), "tokenizer": tok.fingerprint(), "data": learning_settings(data_cfg),
                        "adapter": [type(adapter_cfg).__name__, adapter_settings(adapter_cfg)], "train": train,

@@ -28,7 +28,7 @@ from typing import Optional
 from options import UserError, option
 
 IGNORE = -100
-STUDIES = ("quote", "sentences", "cloze", "both", "keys", "phrases", "clauses")      # what --distill's self-study questions ask (distill.study_pairs)
+STUDIES = ("quote", "sentences", "cloze", "both", "keys", "phrases", "clauses")      # what --distill's self-study questions ask (study.study_pairs)
 REPLIES = ("quote", "plain")                      # how a quoting self-study question is answered
 
 
@@ -56,7 +56,7 @@ class DataConfig:
                                  "with its neighbouring words) or clauses (as phrases, each answered from the "
                                  "start of the key's clause, not of its sentence)", choices=STUDIES)
     phrasings: int = option(1, "each quoting self-study question (--study quote, sentences, keys, both) asked in K phrasings "
-                               "(distill.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
+                               "(study.KEY_QUESTIONS), so that a fact is reached by questions worded otherwise")
     study_unrelated: int = option(0, "unrelated questions asked with the document in context, answered as the "
                                      "base model answers them (KL; our extension, with --distill): 0 means N/2 "
                                      "(at least 1); the anchor has 48 such prompts")
@@ -67,7 +67,7 @@ class DataConfig:
 
     def __post_init__(self):
         if not 1 <= self.phrasings <= 6:
-            raise DataError(f"--phrasings {self.phrasings}: from 1 to 6 (the phrasings distill.KEY_QUESTIONS has)")
+            raise DataError(f"--phrasings {self.phrasings}: from 1 to 6 (the phrasings study.KEY_QUESTIONS has)")
         if self.window < 2:
             raise DataError(f"--window {self.window}: a window needs at least 2 tokens (one to predict)")
         if min(self.context, self.stride, self.qa_start_epoch, self.distill, self.study_unrelated) < 0:

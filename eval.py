@@ -17,7 +17,7 @@ that reading or talks over it. One probe, lift+studied (with --distill): LIFT+IC
 of the user's question, the self-study question whose reply holds the question's evidence, in
 the study's own wording: whether the adapter holds the fact that the user's wording misses. And
 lift+routed (with --distill), which a user could run: LIFT+ICL asked the study's question on the
-longest studied key that the user's question holds (distill.route), with the adapter on whatever
+longest studied key that the user's question holds (study.route), with the adapter on whatever
 --switch would say (the route says the question is about the document); else the user's question.
 Adapters: gated_memory (the paper's) and lora (the ablation's baseline), trained by the same loop.
 Scores: "answer contained", exact match and token F1 (SQuAD normalisation), not the paper's GPT-4
@@ -45,6 +45,7 @@ from compute import resolve_dtype
 from data import DataConfig, DataError
 from gated_memory import GatedMemoryConfig
 import distill
+import study
 from lift import TrainConfig
 from options import UserError, add_options, from_args, recipe_defaults
 from sameness import general_ability
@@ -104,14 +105,14 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 lift.checked_prompt(model, tok, q["question"], ids, ANSWERED_AS.get(m, m), data_cfg.context, max_new_tokens)
         if data_cfg.distill:
             text = tok.decode(ids)            # the document as the study reads it
-            hits = distill.studied(text, data_cfg, doc["questions"], tok, max_new_tokens)
+            hits = study.studied(text, data_cfg, doc["questions"], tok, max_new_tokens)
             reached |= {(doc["id"], i): hit for i, hit in enumerate(hits)}
             if "lift+studied" in modes:      # the study's own question for each question's evidence, if any
-                pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in distill.study_pairs(text, data_cfg)]
-                asked_as |= {(doc["id"], i, "lift+studied"): next((sq for sq, reply in pairs if distill.evidence(q) in reply),
+                pairs = [(sq, " ".join(reply.split())) for sq, reply, _ in study.study_pairs(text, data_cfg)]
+                asked_as |= {(doc["id"], i, "lift+studied"): next((sq for sq, reply in pairs if study.evidence(q) in reply),
                                                                   None) for i, q in enumerate(doc["questions"])}
             if "lift+routed" in modes:       # the study's question on a key the user's holds, else the user's own
-                asked_as |= {(doc["id"], i, "lift+routed"): distill.route(q["question"], text, data_cfg)
+                asked_as |= {(doc["id"], i, "lift+routed"): study.route(q["question"], text, data_cfg)
                              or q["question"] for i, q in enumerate(doc["questions"])}
     todo = [(d, a) for d in docs for a in (adapters if any(m not in BASE_MODES for m in modes) else ["none"])]
     for doc, adapter_kind in tqdm(todo, desc="documents", disable=len(todo) < 2):
@@ -148,7 +149,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             extra = general_ability(model, tok, doc, ids, general, data_cfg.context, train_cfg.dtype, out / "general.jsonl",
                                     adapter, switch) if general else {}
             if general and "lift+routed" in modes:   # general questions a route would take to the document
-                extra["general_routed"] = sum(bool(distill.route(g["question"], tok.decode(ids), data_cfg)) for g in general)
+                extra["general_routed"] = sum(bool(study.route(g["question"], tok.decode(ids), data_cfg)) for g in general)
             if data_cfg.distill and recall:       # how many of its own self-study questions the adapter answers
                 hits = distill.recalled(model, tok, ids, data_cfg, train_cfg.dtype)
                 extra["study_recall"] = sum(hit for _, hit in hits) / max(1, len(hits))

@@ -77,7 +77,7 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
     self-study questions are one more group: does the gate open for the questions it was trained
     on, for the user's questions about the same facts, or for neither?"""
     from checkpoint import load_model
-    from distill import study_pairs
+    from study import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
     text = read_document(doc_path)
     absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)

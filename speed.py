@@ -248,7 +248,7 @@ def qa_batch_rates(model, tok, dtype: str, n: int = 8, steps: int = 2) -> list[s
     LIFT+ICL prompt (the truncated document first, at the default budget): one at a time, then as
     one batch whose shared document runs once. Rows with the seconds, the example tokens per
     second and the largest difference between the two losses (the sharing is exact)."""
-    from distill import study_pairs
+    from study import study_pairs
     text = read_document(str(Path(__file__).parent / "examples" / "orchard_chronicle.txt"))
     cfg_data = DataConfig(distill=n)
     context = truncate_middle(tok.encode(text), cfg_data.context, tok)

@@ -16,7 +16,7 @@ has *stored*: every token of the answer is the model's most likely next token, s
 writes the sentence exactly. Teacher-forced, one forward pass per question: cheap enough to follow
 the whole learning curve. Each question is asked in two forms, without the document (LIFT) and
 after its truncated copy (LIFT+ICL); one is trained, both are measured.
-With --phrasings K each fact is trained under K phrasings of the question (distill.KEY_QUESTIONS,
+With --phrasings K each fact is trained under K phrasings of the question (study.KEY_QUESTIONS,
 the first being the usual one), and a third form is measured: the same facts asked in a phrasing
 never trained (REWORDED), without the document. Stored in the trained phrasings but not reached
 in the new one is what the notebook's "keyed on the form of the prompt" describes; the probe measures
@@ -47,9 +47,9 @@ from cache import anchor_set
 from checkpoint import load_model
 from compute import autocast, resolve_dtype
 from data import IGNORE, Example, batches, qa_example, truncate_middle
-from distill import KEY_QUESTIONS, QUESTION, REPLY, statements
 from lift import TrainConfig
 from options import UserError, add_options, from_args
+from study import KEY_QUESTIONS, QUESTION, REPLY, statements
 
 
 REWORDED = "What do you know about {}?"      # a phrasing no study question uses: the held-out form
@@ -57,7 +57,7 @@ assert REWORDED not in KEY_QUESTIONS + (QUESTION,)
 
 
 def facts_outside(text: str, n: int, context: str) -> list[tuple[str, str]]:
-    """(name, sentence) for up to n names of `text` (distill.statements) whose sentence is *not* in
+    """(name, sentence) for up to n names of `text` (study.statements) whose sentence is *not* in
     the truncated `context`: facts that only what the adapter stored can give back."""
     return [(name, s) for name, s in statements(text, n) if s not in context]
 
@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=5, help="measure the forms not trained on every N epochs")
     p.add_argument("--phrasings", type=int, default=1, choices=range(1, len(KEY_QUESTIONS) + 1), metavar="K",
                    help=f"train each fact under K phrasings of the question (1-{len(KEY_QUESTIONS)}, "
-                        f"distill.KEY_QUESTIONS), in the --train-on form; the held-out phrasing "
+                        f"study.KEY_QUESTIONS), in the --train-on form; the held-out phrasing "
                         f"{REWORDED!r} is measured too")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="write the curve here (JSON), or the figure with --plot")

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import distill
+import study
 import plots
 from benchmarks import normalize, read_benchmark
 from data import DataConfig
@@ -79,15 +79,15 @@ def address_table(groups: dict[str, list[dict]], absorbed: list[dict], bench: di
     studied wording but missed in the user's is stored and not reached: an address the user's words
     do not give. The study's questions are read from absorb.jsonl when it lists them; runs made
     before it did get them rebuilt, and keys of equal rarity were then chosen in an order that
-    changed from process to process (distill.keys), so a few of their keys may differ."""
+    changed from process to process (study.keys), so a few of their keys may differ."""
     flat, found = lambda t: " ".join(t.split()), {}
     for doc in sorted({r["doc"] for rs in groups.values() for r in rs} & set(bench)) if cfg.distill else ():
         text, record = bench[doc]["document"], next((a for a in absorbed if a["doc"] == doc), {})
         missed = record.get("study_missed")
         asked = missed + record["study_recalled"] if "study_recalled" in record else \
-            [q for q, _, _ in distill.study_pairs(text, cfg)]
-        where = lambda q: flat(distill.key_sentence(distill.asked_key(q) or "", text) or "")   # the sentence asked for
-        found[doc] = ([(key, where(q)) for q in asked if (key := distill.asked_key(q))],
+            [q for q, _, _ in study.study_pairs(text, cfg)]
+        where = lambda q: flat(study.key_sentence(study.asked_key(q) or "", text) or "")   # the sentence asked for
+        found[doc] = ([(key, where(q)) for q in asked if (key := study.asked_key(q))],
                       None if missed is None else [where(q) for q in missed])
     if not found:
         return []
@@ -103,7 +103,7 @@ def address_table(groups: dict[str, list[dict]], absorbed: list[dict], bench: di
         for r in (r for r in rs if r.get("in_budget") is False and r["doc"] in found):
             studied, missed = found[r["doc"]]               # missed: None when the run did not check recall
             q = bench[r["doc"]]["questions"][r["q"]]
-            ev = distill.evidence(q)
+            ev = study.evidence(q)
             keys = [k for k, sentence in studied if ev in sentence]
             if not keys:
                 continue

@@ -23,11 +23,11 @@ from adapters import adapter_config
 from cache import absorb_cached
 from compute import resolve_dtype
 from data import DataConfig, read_document, read_qa_jsonl
-from distill import RECIPE_HELP, RECIPES, show_study
-from distill import route as route_question
+from distill import RECIPE_HELP, RECIPES
 from gated_memory import GatedMemoryConfig
 from lift import TrainConfig, answer, checked_prompt
 from options import UserError, add_options, from_args, recipe_defaults
+from study import route as route_question, show_study
 from switch import load_thresholds, save_thresholds, switch_decision
 
 
@@ -72,7 +72,7 @@ def parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--route", action="store_true",
                    help="with --distill: a question holding one of the study's rare keys (its names, or with --study "
                         "keys, phrases or clauses its words) is asked as the study asked it, the adapter answering whatever "
-                        "the switch says (our extension, distill.route; results/NOTEBOOK.md, \"Routing a question to "
+                        "the switch says (our extension, study.route; results/NOTEBOOK.md, \"Routing a question to "
                         "its key\")")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--show-study", action="store_true", help="print the self-study questions and replies that "

@@ -1,4 +1,4 @@
-"""Self-study questions and the answer-time anchor (distill.py, our extension): names, the
+"""Self-study questions and the answer-time anchor (study.py, distill.py; our extension): names, the
 quoted answers, the teacher's targets, the KL loss and the schedule."""
 import pytest
 import torch
@@ -8,8 +8,9 @@ import gated_memory as gm
 import lora
 from checkpoint import load_model
 from data import IGNORE, REPLIES, DataConfig, anchor_questions, build_epochs, end_of_turn, question_messages, truncate_middle
-from distill import QUESTION, REPLY, distill_examples, names, statements, teacher_example
+from distill import distill_examples, teacher_example
 from lift import TrainConfig, batch_loss
+from study import QUESTION, REPLY, names, statements
 
 
 def test_names_keep_proper_names_and_drop_capitalised_ordinary_words():
@@ -118,7 +119,7 @@ def test_a_mixed_batch_sums_each_examples_own_loss(tiny_dir):
 
 
 def test_cloze_blanks_each_name_and_whole_number_in_its_first_sentence():
-    from distill import BLANK, CLOZE, study_pairs
+    from study import BLANK, CLOZE, study_pairs
     text = ("In 1724 the mill was built by Edric Hallowmere. It held 86 sacks. "
             "In 1,860 days Hallowmere sold it for 800 crowns. It closed in part 2 of the story.")
     pairs = study_pairs(text, DataConfig(distill=10, study="cloze"))
@@ -133,7 +134,7 @@ def test_cloze_blanks_each_name_and_whole_number_in_its_first_sentence():
 
 
 def test_a_heading_is_no_statement_to_study():
-    from distill import study_pairs
+    from study import study_pairs
     text = ("Chapter 10. The Railway\n\nIn 1862 the Railway reached Vellmora. "
             "Chapter 11. Definitions.\n\nThe Definitions of the guild filled 40 pages.")
     blanked = [q for q, _, _ in study_pairs(text, DataConfig(distill=10, study="cloze"))]
@@ -153,19 +154,19 @@ def test_the_study_direction_is_in_the_cache_key_only_when_it_is_not_the_default
 
 
 def test_keys_point_each_names_number_and_rare_word_at_its_first_sentence_in_turning_phrasings():
-    import distill
-    from distill import KEY_QUESTIONS, keys, study_pairs
+    import study
+    from study import KEY_QUESTIONS, keys, study_pairs
     text = ("The first frost warden of the town was a soldier named Ilan Brask in 1744. "
             "The warden kept a thermometer on the roof of the town hall. "
             "The town band of the town was founded by Ferdinand Oakes. "
             "The town held a feast every year.")
     found = dict(keys(text))
-    first, second, third = distill.sentences(text)[:3]
+    first, second, third = study.sentences(text)[:3]
     assert found["Ilan Brask"] == found["1744"] == found['"soldier"'] == first     # its first sentence only
     assert found['"thermometer"'] == second and found["Ferdinand Oakes"] == third
     assert '"town"' not in found and '"warden"' not in found   # in all four sentences; past the first four keys
-    per_sentence = [sum(s == t for s in found.values()) for t in distill.sentences(text)]
-    assert max(per_sentence) <= distill.KEYS_PER_SENTENCE and all(per_sentence[:3])
+    per_sentence = [sum(s == t for s in found.values()) for t in study.sentences(text)]
+    assert max(per_sentence) <= study.KEYS_PER_SENTENCE and all(per_sentence[:3])
     pairs = study_pairs(text, DataConfig(distill=100, study="keys"))
     assert len(pairs) == len(found)
     assert [q for q, _, _ in pairs[:2]] == [KEY_QUESTIONS[0].format(keys(text)[0][0]),
@@ -179,26 +180,26 @@ def test_the_key_study_changes_the_cache_key(tiny_dir):
     from lift import TrainConfig as T
     model, tok = load_model(str(tiny_dir))
     key = lambda study: settings_key(model, tok, DataConfig(distill=8, study=study), gm.GatedMemoryConfig(), T(), [], 0, None)
-    assert len({key("quote"), key("cloze"), key("keys"), key("phrases")}) == 4
+    assert len({key("quote"), key("cloze"), key("keys"), key("phrases"), key("clauses")}) == 5
 
 
 def test_keys_of_equal_rarity_come_in_the_sentences_order_whatever_the_hash_seed():
     import subprocess
     import sys
     from pathlib import Path
-    from distill import keys
+    from study import keys
     text = "The sundial stood beside the orchard gate. The gate was old. The orchard was older than the gate."
     assert [k for k, _ in keys(text)][:3] == ['"sundial"', '"beside"', '"stood"']   # rarer and longer first, then in order
     root = Path(__file__).resolve().parents[1]
-    run = lambda seed: subprocess.run([sys.executable, "-c", "import distill, json; from benchmarks import read_benchmark; "
-                                       "print(json.dumps([distill.keys(d['document']) for d in read_benchmark('examples/real_docs.jsonl')]))"],
+    run = lambda seed: subprocess.run([sys.executable, "-c", "import study, json; from benchmarks import read_benchmark; "
+                                       "print(json.dumps([study.keys(d['document']) for d in read_benchmark('examples/real_docs.jsonl')]))"],
                                       cwd=root, capture_output=True, text=True, env={"PYTHONHASHSEED": seed, "PATH": ""},
                                       check=True).stdout
     assert run("1") == run("2")                  # string hashing (set order) no longer picks a run's keys
 
 
 def test_phrases_ask_each_key_among_its_own_words_and_point_back_at_their_sentence():
-    from distill import KEY_QUESTIONS, asked_key, key_sentence, keys, phrase, sentences, study_pairs
+    from study import KEY_QUESTIONS, asked_key, key_sentence, keys, phrase, sentences, study_pairs
     sentence = 'The contents of the "NOTICE" file are for informational purposes only.'
     assert phrase('"contents"', sentence) == "The contents of the"
     assert phrase("NOTICE", sentence) == "of the NOTICE file are"                  # its quotes dropped
@@ -213,7 +214,7 @@ def test_phrases_ask_each_key_among_its_own_words_and_point_back_at_their_senten
 
 
 def test_clauses_answer_each_phrase_from_its_clause_not_its_sentences_start():
-    from distill import CLAUSE_WORDS, clause, study_pairs
+    from study import CLAUSE_WORDS, clause, study_pairs
     sentence = ("Each Contributor grants to You a perpetual, worldwide, non-exclusive, no-charge, royalty-free, "
                 "irrevocable license to reproduce the Work, except as stated in this section (excluding all registered trademarks).")
     assert clause('"irrevocable"', sentence).startswith("no-charge, royalty-free, irrevocable")   # its phrase, after a comma
@@ -230,7 +231,7 @@ def test_clauses_answer_each_phrase_from_its_clause_not_its_sentences_start():
 
 
 def test_route_asks_the_study_question_on_the_longest_rare_key_the_users_question_holds():
-    from distill import asked_key, key_sentence, route, study_pairs
+    from study import asked_key, key_sentence, route, study_pairs
     text = ("You must keep the NOTICE file intact. You may add a thermometer reading to it. "
             "You may not remove the Apache Software Foundation attribution. You owe nothing else.")
     cfg = DataConfig(distill=100, study="phrases", phrasings=2)
@@ -243,7 +244,7 @@ def test_route_asks_the_study_question_on_the_longest_rare_key_the_users_questio
 
 
 def test_phrasings_ask_each_quoted_fact_in_that_many_wordings_and_leave_cloze_alone():
-    from distill import CLOZE, KEY_QUESTIONS, keys, study_pairs
+    from study import CLOZE, KEY_QUESTIONS, keys, study_pairs
     text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."
     one, three = (study_pairs(text, DataConfig(distill=10, phrasings=k)) for k in (1, 3))
     assert [q for q, _, _ in three[:3]] == [p.format("Edric Hallowmere") for p in KEY_QUESTIONS[:3]]
@@ -286,7 +287,7 @@ def test_a_plain_reply_is_the_sentence_alone_and_changes_only_the_replies_and_th
     reads ("The secret number … is 2390."), not quoted ('The text says: "…"'); questions, the
     expected words and the cloze answers stay; the key changes only when not at its default."""
     from cache import learning_settings, settings_key
-    from distill import study_pairs
+    from study import study_pairs
     text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."
     for study in ("quote", "keys", "both"):
         quoted, plain = (study_pairs(text, DataConfig(distill=10, study=study, phrasings=2, reply=r)) for r in REPLIES)
@@ -323,7 +324,7 @@ def test_study_unrelated_sets_how_many_general_questions_anchor_the_answer_time_
 
 
 def test_studied_says_which_questions_a_study_reply_holds():
-    from distill import studied
+    from study import studied
     text = ("In 1724 the mill was built by Edric Hallowmere. It held 86 sacks of flour. "
             "Later the Town Council\n   sold it for 800 crowns.")
     questions = [{"question": "Who built the mill?", "answers": ["Edric Hallowmere"]},          # the first name's sentence
@@ -335,7 +336,7 @@ def test_studied_says_which_questions_a_study_reply_holds():
 
 
 def test_studied_within_an_answers_budget_needs_the_answer_early_in_the_reply():
-    from distill import studied
+    from study import studied
     text = "The mill was built by Edric Hallowmere in the year when the river froze and the bells rang 1724."
     words = type("Tok", (), {"encode": staticmethod(str.split), "decode": staticmethod(" ".join)})()   # a token a word
     questions = [{"question": "Who built the mill?", "answers": ["Edric Hallowmere"]},        # words 6-7
@@ -347,7 +348,7 @@ def test_studied_within_an_answers_budget_needs_the_answer_early_in_the_reply():
 
 
 def test_show_study_counts_how_often_one_reply_is_studied():
-    from distill import show_study
+    from study import show_study
     text = "The mill of Edric Hallowmere stood by\n   the Long Pond. It held 86 sacks, and it was old."
     shown = show_study(text, DataConfig(distill=10, phrasings=3, reply="plain")).splitlines()
     assert shown[0] == "Q: " + QUESTION.format("Edric Hallowmere")
@@ -356,7 +357,7 @@ def test_show_study_counts_how_often_one_reply_is_studied():
 
 
 def test_study_sentences_asks_each_sentence_under_one_name_only():
-    from distill import study_pairs
+    from study import study_pairs
     text = ("Edric Hallowmere built the mill for Anna Vell in 1724. The mill held 86 sacks for Anna Vell. "
             "The Long Pond fed the mill that Edric Hallowmere built.")
     quote = study_pairs(text, DataConfig(distill=10, reply="plain"))

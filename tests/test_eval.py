@@ -281,7 +281,7 @@ def test_recital_tells_the_right_place_from_another(tmp_path):
 
 def test_address_table_tells_a_fact_stored_but_not_reached_from_one_never_studied():
     from data import DataConfig
-    from distill import key_sentence, asked_key, study_pairs
+    from study import key_sentence, asked_key, study_pairs
     from summary import address_table
     text = ("The sundial was carved by Marta Voss in 1802. The bells ring twice at dusk. "
             "The ferry leaves from the northern pier. The market closes early on feast days.")
@@ -310,7 +310,7 @@ def test_the_studied_probe_and_the_routed_mode_ask_study_questions_in_place_of_t
     import eval as ev
     from checkpoint import load_model
     from data import DataConfig, DataError
-    from distill import route, study_pairs
+    from study import route, study_pairs
     from lift import TrainConfig
     _, tok = load_model(str(tiny_dir))
     doc = bm.generate_facts_document(tok, 300, 2, seed=0)

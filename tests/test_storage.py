@@ -61,7 +61,7 @@ def test_help_prints_and_plot_draws_curves(tmp_path, capsys):
 
 def test_more_phrasings_train_more_examples_and_the_held_out_phrasing_is_measured(tiny_dir, monkeypatch):
     import storage
-    from distill import KEY_QUESTIONS
+    from study import KEY_QUESTIONS
     model, tok = load_model(str(tiny_dir))
     facts = [("Edric Hallowmere", "Edric Hallowmere founded the mill in 1743.")]
     forms = {"alone": fact_examples(tok, facts), "reworded": fact_examples(tok, facts, phrasing=storage.REWORDED)}

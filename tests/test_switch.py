@@ -117,7 +117,7 @@ def test_a_routed_question_is_asked_as_the_study_asked_it_and_the_adapter_answer
     written, through the switch."""
     import train
     from data import DataConfig
-    from distill import route
+    from study import route
     text = ("The mill was built in 1724 by Edric Hallowmere. The banker Ferdinand Oakes lent 3,000 silver crowns. "
             "The river froze in the winter of 1743.")
     doc = tmp_path / "d.txt"
