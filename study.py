@@ -39,7 +39,7 @@ Each kind of question (--study):
   a licence's sentence is often a whole clause of the licence: of Apache's 21 questions, a
   studied sentence gave the answer within 32 tokens for 7, a studied clause for 11 (eval.py
   run's summary; results/NOTEBOOK.md, "Each key answered from its clause");
-- with --phrasings K, every quoting question (quote, keys, phrases, both) in K of those wordings: a
+- with --phrasings K, every quoting question (quote, keys, phrases, clauses, both) in K of those wordings: a
   fact studied in one wording is stored for that wording only, by Gated Memory and LoRA alike
   (storage.py measures it);
 - with --reply plain, every quoting question answered with the sentence alone, not quoted. A
