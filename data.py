@@ -29,7 +29,7 @@ from options import UserError, option
 
 IGNORE = -100
 STUDIES = ("quote", "sentences", "cloze", "both", "keys", "phrases", "clauses")      # what --distill's self-study questions ask (study.study_pairs)
-REPLIES = ("quote", "plain")                      # how a quoting self-study question is answered
+REPLIES = ("quote", "plain", "restate")                    # how a quoting self-study question is answered
 
 
 class DataError(UserError):
@@ -61,7 +61,8 @@ class DataConfig:
                                      "base model answers them (KL; our extension, with --distill): 0 means N/2 "
                                      "(at least 1); the anchor has 48 such prompts")
     reply: str = option("quote", "how a quoting self-study question is answered: quote ('The text says: \"<the "
-                                 "sentence>\"') or plain (the sentence alone, as a user's answer reads)", choices=REPLIES)
+                                 "sentence>\"') or plain (the sentence alone, as a user's answer reads) or restate "
+                                 "(the sentence from the question's key on)", choices=REPLIES)
     closed_book: bool = option(False, "each self-study question also asked without the document, as LIFT alone is "
                                       "asked (our extension; the released QA prompt always holds the document)")
 

@@ -45,7 +45,15 @@ Each kind of question (--study):
 - with --reply plain, every quoting question answered with the sentence alone, not quoted. A
   model answers a user's question directly ("The secret number of the amber badger is …"),
   and a fact studied only inside a quote came back only after `The text says: "`
-  (results/NOTEBOOK.md, "Needles from parameters alone with Gated Memory").
+  (results/NOTEBOOK.md, "Needles from parameters alone with Gated Memory");
+- with --reply restate, answered from the question's own words on: the reply starts where the
+  asked key (or phrase) starts in its sentence or clause ("defined by Sections 1 through 9 of
+  this document."). Its first words are a copy of the question, which reading does well, and
+  the rest continues the document from those words, which the windows trained. A clause
+  reply starts up to CLAUSE_BACK words earlier, words the question does not hold, so the
+  memory must first recall which clause is asked; that is where Gated Memory fell back on a
+  studied clause form while LoRA, which restates the question as the base model does, did not
+  (results/NOTEBOOK.md, "Replies that restate the question").
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ from data import DataConfig, sentences
 QUESTION = "What does the text say about {}?"
 REPLY = 'The text says: "{}"'     # the answer to QUESTION: the document's own sentence, quoted
 PLAIN = "{}"                       # or, with --reply plain, the sentence alone: the form of a user's answer
+# (--reply restate: the sentence from the question's key on, study.onward)
 CLOZE = 'Fill in the blank from the text: "{}"'   # --study cloze: the sentence, its name or number → ___
 BLANK = "___"
 # The wordings of a quoting question, all answered with REPLY (or PLAIN): --study keys asks each
@@ -181,6 +190,17 @@ def clause(key: str, sentence: str) -> str:
     return " ".join(words[start:start + CLAUSE_WORDS])
 
 
+def onward(key: str, statement: str) -> str:
+    """`statement` from the first place where its words hold `key`'s words in a row (quotes,
+    brackets and commas aside; case counts), else whole: the reply of --reply restate."""
+    bare = lambda w: re.sub(r"^\W+|\W+$", "", w)
+    words = statement.split()
+    kept = [i for i, w in enumerate(words) if bare(w)]               # the places of real words
+    said, asked = [bare(words[i]) for i in kept], [w for w in map(bare, key.split()) if w]
+    at = next((kept[j] for j in range(len(said)) if said[j:j + len(asked)] == asked), 0) if asked else 0
+    return " ".join(words[at:])
+
+
 def studied_keys(text: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """(key, sentence) for each quoting self-study question of --study (none for cloze): the name,
     number or word a question asks about, and the sentence that answers it."""
@@ -224,9 +244,10 @@ def study_pairs(text: str, cfg: DataConfig) -> list[tuple[str, str, str]]:
     def quoted(pairs: list[tuple[str, str]], rotate: bool) -> list[tuple[str, str, str]]:
         # The i-th key's wordings: KEY_QUESTIONS[0..K-1], or with rotate KEY_QUESTIONS[i..i+K-1].
         first = lambda i: i if rotate else 0
+        said = lambda key, statement: onward(key, statement) if cfg.reply == "restate" else statement
         reply = REPLY if cfg.reply == "quote" else PLAIN
-        return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), reply.format(statement),
-                 statement.rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
+        return [(KEY_QUESTIONS[(first(i) + j) % len(KEY_QUESTIONS)].format(key), reply.format(said(key, statement)),
+                 said(key, statement).rstrip(".")) for i, (key, statement) in enumerate(pairs) for j in range(cfg.phrasings)]
     if cfg.study in ("keys", "phrases", "clauses"):          # up to N keys, the wordings in turn
         chosen = studied_keys(text, cfg)
         asked = {"keys": lambda k, s: (k, s), "phrases": lambda k, s: (phrase(k, s), s),

@@ -7,7 +7,7 @@ from conftest import TEXT
 import gated_memory as gm
 import lora
 from checkpoint import load_model
-from data import IGNORE, REPLIES, DataConfig, anchor_questions, build_epochs, end_of_turn, question_messages, truncate_middle
+from data import IGNORE, DataConfig, anchor_questions, build_epochs, end_of_turn, question_messages, truncate_middle
 from distill import distill_examples, teacher_example
 from lift import TrainConfig, batch_loss
 from study import QUESTION, REPLY, names, statements
@@ -230,6 +230,26 @@ def test_clauses_answer_each_phrase_from_its_clause_not_its_sentences_start():
     assert any(c != s for (_, _, c), (_, _, s) in zip(clauses, phrased))
 
 
+def test_restated_replies_start_at_the_questions_own_words_and_continue_the_clause():
+    """--reply restate: each reply is its clause from the asked phrase on, so its first words are
+    the question's; a key its statement does not hold keeps the statement whole."""
+    from cache import learning_settings
+    from study import asked_key, onward, study_pairs
+    sentence = ("Each Contributor grants to You a perpetual, worldwide, non-exclusive, no-charge, royalty-free, "
+                "irrevocable license to reproduce the Work, except as stated in this section (excluding all registered trademarks).")
+    assert onward("royalty-free irrevocable license", sentence).startswith("royalty-free, irrevocable license to")  # commas aside
+    assert onward("all registered", sentence) == "all registered trademarks)."                 # a bracket aside
+    assert onward("Irrevocable", sentence) == sentence and onward("", sentence) == sentence     # case counts; no key
+    text = sentence + " The NOTICE file may hold an attribution notice. The file format is plain text."
+    clauses, restated = (study_pairs(text, DataConfig(distill=100, study="clauses", reply=r)) for r in ("plain", "restate"))
+    assert [q for q, _, _ in restated] == [q for q, _, _ in clauses]            # the same questions
+    for (q, plain, _), (_, reply, expected) in zip(clauses, restated):
+        first = asked_key(q).split()[0].strip('"')
+        assert plain.endswith(reply) and reply.split()[0].strip('",()') == first and reply.rstrip(".") == expected
+    assert any(r != p for (_, p, _), (_, r, _) in zip(clauses, restated))       # some clauses start before their phrase
+    assert learning_settings(DataConfig(distill=2, reply="restate"))["reply"] == "restate"
+
+
 def test_route_asks_the_study_question_on_the_longest_rare_key_the_users_question_holds():
     from study import asked_key, key_sentence, route, study_pairs
     text = ("You must keep the NOTICE file intact. You may add a thermometer reading to it. "
@@ -290,7 +310,7 @@ def test_a_plain_reply_is_the_sentence_alone_and_changes_only_the_replies_and_th
     from study import study_pairs
     text = "The mill was built in 1724 by Edric Hallowmere. the banker Ferdinand Oakes lent 3,000 silver crowns."
     for study in ("quote", "keys", "both"):
-        quoted, plain = (study_pairs(text, DataConfig(distill=10, study=study, phrasings=2, reply=r)) for r in REPLIES)
+        quoted, plain = (study_pairs(text, DataConfig(distill=10, study=study, phrasings=2, reply=r)) for r in ("quote", "plain"))
         assert [(q, e) for q, _, e in quoted] == [(q, e) for q, _, e in plain]
         for (q, r_quoted, expected), (_, r_plain, _) in zip(quoted, plain):
             if r_quoted != expected:                                   # a quoting question, not a blank
