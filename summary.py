@@ -24,17 +24,32 @@ def most_repeated_opening(replies: list[str]) -> tuple[str, int, int]:
     return top, n, len(counts)
 
 
+RESTATED = 3   # words: a reply whose first three stand in a row in its question begins by restating it
+
+
+def restates(reply: str, question: str) -> bool:
+    """Does `reply` begin with RESTATED words of `question` in a row (case, punctuation and articles
+    ignored)? The base model answers so ("The copyright license granted in Section 2 … is
+    irrevocable."); an adapter that recites a studied clause does not."""
+    first, asked = normalize(reply).split()[:RESTATED], normalize(question).split()
+    return len(first) == RESTATED and any(asked[i:i + RESTATED] == first for i in range(len(asked)))
+
+
 def openings_table(groups: dict[str, list[dict]]) -> list[str]:
-    """Markdown lines: by mode, the opening most answers share. An adapter that has collapsed onto a
-    few recited sentences gives many questions the same one, whatever they ask."""
+    """Markdown lines: by mode, the opening most answers share, and how many answers begin by
+    restating their question. An adapter that has collapsed onto a few recited sentences gives many
+    questions the same one, whatever they ask."""
     if not any("prediction" in r for rs in groups.values() for r in rs):
         return []
     lines = ["", f"The most repeated reply: how many answers begin with the same {OPENING} words (a recited "
-                 "sentence the adapter falls back on), and how many different openings there are", "",
-             "| mode (adapter) | most repeated opening | answers | different openings |", "|---|---|---:|---:|"]
+                 "sentence the adapter falls back on), how many different openings there are, and how many "
+                 f"answers begin with {RESTATED} words of their question in a row", "",
+             "| mode (adapter) | most repeated opening | answers | different openings | restate the question |",
+             "|---|---|---:|---:|---:|"]
     for name, rs in groups.items():
         top, n, distinct = most_repeated_opening([r.get("prediction", "") for r in rs])
-        lines.append(f"| {name} | {top.replace('|', '/')} | {n}/{len(rs)} | {distinct} |")
+        said = sum(restates(r.get("prediction", ""), r.get("question", "")) for r in rs)
+        lines.append(f"| {name} | {top.replace('|', '/')} | {n}/{len(rs)} | {distinct} | {said}/{len(rs)} |")
     return lines
 
 

@@ -255,8 +255,21 @@ def test_summary_counts_the_reply_an_adapter_falls_back_on(tmp_path, monkeypatch
     assert most_repeated_opening(replies) == ('"you" (or "your") means an', 2, 3)   # case and spacing ignored
     records = [{"doc": "a", "mode": "lift", "adapter": "gated_memory", "contains": False, "em": 0.0, "f1": 0.0,
                 "in_budget": False, "prediction": p} for p in replies]
-    assert '| lift (gated_memory) | "you" (or "your") means an | 2/4 | 3 |' in ev.write_summary(records, tmp_path, {})
+    records[2]["question"] = "Within thirty days of what must a breach be cured?"        # begins by restating it
+    assert '| lift (gated_memory) | "you" (or "your") means an | 2/4 | 3 | 0/4 |' in ev.write_summary(records, tmp_path, {})
+    records[2]["prediction"] = "Within thirty days of the notice."
+    assert '| 3 | 1/4 |' in ev.write_summary(records, tmp_path, {})
     assert most_repeated_opening([]) == ("", 0, 0)
+
+
+def test_a_reply_restates_its_question_when_it_begins_with_three_of_its_words_in_a_row():
+    from summary import restates
+    question = "Is the copyright license granted in Section 2 revocable or irrevocable?"
+    assert restates("The copyright license granted in Section 2 is irrevocable.", question)   # articles ignored
+    assert restates("COPYRIGHT, license granted!", question)                                  # case, punctuation
+    assert not restates("Subject to the terms and conditions of this License", question)     # a recited clause
+    assert not restates("license granted", question) and not restates("", question)         # too short
+    assert not restates("copyright granted license", question)                               # not in a row
 
 
 def test_recital_tells_the_right_place_from_another(tmp_path):
