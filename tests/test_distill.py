@@ -386,3 +386,13 @@ def test_study_sentences_asks_each_sentence_under_one_name_only():
     assert once == [quote[0], (QUESTION.format("Long Pond"), text.split("sacks for Anna Vell. ")[1],
                                text.split("sacks for Anna Vell. ")[1].rstrip("."))]
     assert len(study_pairs(text, DataConfig(distill=1, study="sentences"))) == 1
+
+
+def test_show_study_names_the_first_of_equally_studied_replies(monkeypatch):
+    """Two replies asked equally often: the summary line names the first, so two runs print the same."""
+    import study
+    pairs = [("q1", "B.", "B"), ("q2", "A.", "A"), ("q3", "A.", "A"), ("q4", "B.", "B")]
+    monkeypatch.setattr(study, "study_pairs", lambda text, cfg: pairs)
+    assert study.show_study("", DataConfig()).endswith("the most studied reply is the answer to 2 of them: B.")
+    monkeypatch.setattr(study, "study_pairs", lambda text, cfg: pairs[1:] + pairs[:1])
+    assert study.show_study("", DataConfig()).endswith("2 of them: A.")

@@ -255,7 +255,7 @@ def test_summary_counts_the_reply_an_adapter_falls_back_on(tmp_path, monkeypatch
     assert most_repeated_opening(replies) == ('"you" (or "your") means an', 2, 3)   # case and spacing ignored
     records = [{"doc": "a", "mode": "lift", "adapter": "gated_memory", "contains": False, "em": 0.0, "f1": 0.0,
                 "in_budget": False, "prediction": p} for p in replies]
-    records[2]["question"] = "Within thirty days of what must a breach be cured?"        # begins by restating it
+    records[2]["question"] = "Within thirty days of what must a breach be cured?"   # "Thirty days." is too short to restate it
     assert '| lift (gated_memory) | "you" (or "your") means an | 2/4 | 3 | 0/4 |' in ev.write_summary(records, tmp_path, {})
     records[2]["prediction"] = "Within thirty days of the notice."
     assert '| 3 | 1/4 |' in ev.write_summary(records, tmp_path, {})
