@@ -47,6 +47,7 @@ from gated_memory import GatedMemoryConfig
 import distill
 import study
 from lift import TrainConfig
+from lora import TARGETS
 from options import UserError, add_options, from_args, recipe_defaults
 from sameness import general_ability
 from summary import write_summary
@@ -65,13 +66,14 @@ BASE_MODES = lift.BASE_MODES + ("evidence",)                  # answered with an
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
         general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig(),
-        switch: bool = False, recall: bool = True) -> list[dict]:
+        switch: bool = False, recall: bool = True, lora_targets: str = "all") -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
     switch: Gated Memory answers only the questions that open its gate (switch.py); the records
     of lift and lift+icl then say whether it did, with the gate and the threshold.
     recall: with --distill, also ask the adapter its own self-study questions (minutes per document).
+    lora_targets: LoRA on every projection, or on attention's or the feed-forward's only (where it writes).
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
@@ -84,10 +86,9 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                         f"each document needs its own id")
     settings = {"data": learning_settings(data_cfg), "train": learning_settings(train_cfg), "model": model_name,
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
-    if gm_cfg != GatedMemoryConfig():   # only when set, so that folders of earlier runs keep their key
-        settings["gated_memory"] = learning_settings(gm_cfg)
-    if switch:                          # likewise
-        settings["switch"] = True
+    optional = {"gated_memory": learning_settings(gm_cfg) if gm_cfg != GatedMemoryConfig() else None,
+                "switch": switch or None, "lora_targets": None if lora_targets == "all" else lora_targets}
+    settings |= {k: v for k, v in optional.items() if v is not None}   # only when set: earlier folders keep their key
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
@@ -134,9 +135,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                                   train_cfg.dtype, every=gate_trace)
             t = time.perf_counter()
             res = absorb_cached(model, tok, doc["document"], data_cfg=data_cfg, train_cfg=train_cfg,
-                                adapter_cfg=adapter_config(adapter_kind, lora_rank, gm_cfg), qa=qa,
-                                init=init if adapter_kind == "gated_memory" else None, progress=False,
-                                on_step=trace)
+                                adapter_cfg=adapter_config(adapter_kind, lora_rank, gm_cfg, lora_targets), qa=qa,
+                                init=init if adapter_kind == "gated_memory" else None, progress=False, on_step=trace)
             absorb_s = time.perf_counter() - t
             if trace is not None and trace.steps:
                 traced = trace.result()
@@ -242,6 +242,7 @@ def parser(argv=None) -> argparse.ArgumentParser:
         r.add_argument("--modes", nargs="+", default=["icl", "lift", "lift+icl"], choices=MODES)
         r.add_argument("--adapters", nargs="+", default=["gated_memory"], choices=ADAPTER_NAMES)
         r.add_argument("--lora-rank", type=int, default=16)
+        r.add_argument("--lora-targets", choices=tuple(TARGETS), default="all", help="the projections LoRA updates")
         r.add_argument("--init", default=None, help="start Gated Memory from this SFT initialisation (train.py sft)")
         r.add_argument("--train-qa", action="store_true", help="train on the documents' train_questions (AT)")
         r.add_argument("--max-new-tokens", type=int, default=48)
@@ -310,17 +311,16 @@ def main(argv=None) -> int:
                 raise UserError("--max-new-tokens must be at least 1")
             if args.cmd == "run":
                 docs = bm.read_benchmark(args.bench)
-                if args.docs:
-                    if unknown := set(args.docs) - {d["id"] for d in docs}:
-                        raise UserError(f"--docs: no document {sorted(unknown)[0]!r} in {args.bench}")
-                    docs = [d for d in docs if d["id"] in args.docs]
+                if args.docs and (unknown := set(args.docs) - {d["id"] for d in docs}):
+                    raise UserError(f"--docs: no document {sorted(unknown)[0]!r} in {args.bench}")
+                docs = [d for d in docs if d["id"] in args.docs] if args.docs else docs
             else:
                 from checkpoint import load_model
                 docs = load_qa_benchmark(args, load_model(args.model)[1])
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
                 args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace,
-                from_args(GatedMemoryConfig, args), args.switch, args.recall)
+                from_args(GatedMemoryConfig, args), args.switch, args.recall, args.lora_targets)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

@@ -124,6 +124,27 @@ def test_tiny_end_to_end_run_writes_records_table_plots_and_resumes(tiny_dir, tm
     assert len((out / "records.jsonl").read_text().splitlines()) == len(lines)
 
 
+def test_lora_targets_reach_the_adapter_and_set_the_folders_key(tiny_dir, tmp_path, monkeypatch):
+    """`eval.py run --lora-targets attention` trains LoRA on the attention projections only, and
+    its folder's key differs from LoRA everywhere: the two are never mixed in one table."""
+    import eval as ev
+    from checkpoint import load_model
+    from data import DataConfig
+    from lift import TrainConfig
+    from options import UserError
+    _, tok = load_model(str(tiny_dir))
+    docs = [bm.generate_facts_document(tok, 200, 1, seed=0)]
+    trained = []
+    real = ev.absorb_cached
+    monkeypatch.setattr(ev, "absorb_cached", lambda *a, **k: trained.append(k["adapter_cfg"]) or real(*a, **k))
+    args = dict(modes=["lift"], adapters=["lora"], model_name=str(tiny_dir), max_new_tokens=2, train_qa=False,
+                lora_rank=2, data_cfg=DataConfig(window=64, context=64), train_cfg=TrainConfig(epochs=1, dtype="float32"))
+    ev.run(docs, tmp_path / "attention", lora_targets="attention", **args)
+    assert [c.targets for c in trained] == ["attention"]
+    with pytest.raises(UserError, match="other settings"):
+        ev.run(docs, tmp_path / "attention", **args)                  # LoRA everywhere: another key
+
+
 def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, tmp_path, capsys):
     """`eval.py bench` on a tiny model, without the compile rows: every row it promises, the two
     attention paths side by side, fractions of the measured product rate, and the profiles."""
