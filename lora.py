@@ -24,7 +24,8 @@ from model import ConfigError, Transformer
 from options import option
 
 TARGETS = {"attention": ("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
-           "feed_forward": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+           "feed_forward": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+           "values": ("attention.wv", "attention.wo")}     # what attention reads and writes, not where it looks
 TARGETS["all"] = TARGETS["attention"] + TARGETS["feed_forward"]
 
 
@@ -32,8 +33,9 @@ TARGETS["all"] = TARGETS["attention"] + TARGETS["feed_forward"]
 class LoRAConfig:
     rank: int = option(16, "r (the paper's PiSSA baseline: r = 128 on an 8B model)")
     alpha: float = option(32.0, "the update is scaled by alpha / rank")
-    targets: str = option("all", "which projections get an update: all, attention (wq wk wv wo) or "
-                                 "feed_forward (w1 w2 w3), to see where a document's facts are stored",
+    targets: str = option("all", "which projections get an update: all, attention (wq wk wv wo), "
+                                 "feed_forward (w1 w2 w3) or values (wv wo), to see where a document's facts "
+                                 "are stored",
                           choices=tuple(TARGETS))
 
 

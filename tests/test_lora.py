@@ -38,7 +38,8 @@ def test_lora_save_load_and_disable(tmp_path):
         load_adapter_file(tiny_model(seed=3), str(tmp_path / "l.safetensors"))
 
 
-@pytest.mark.parametrize("targets, hooked", [("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3"))])
+@pytest.mark.parametrize("targets, hooked", [("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")),
+                                             ("values", ("wv", "wo"))])
 def test_lora_on_part_of_the_block_updates_only_those_projections(targets, hooked):
     base, model = tiny_model(), tiny_model()
     lora.attach(model, lora.LoRAConfig(rank=4, targets=targets), seed=0)
