@@ -73,7 +73,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     switch: Gated Memory answers only the questions that open its gate (switch.py); the records
     of lift and lift+icl then say whether it did, with the gate and the threshold.
     recall: with --distill, also ask the adapter its own self-study questions (minutes per document).
-    lora_targets: LoRA on every projection, or on attention's or the feed-forward's only (where it writes).
+    lora_targets: LoRA on every projection, or on some of them only (lora.TARGETS: where it writes).
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
