@@ -45,11 +45,13 @@ def bucketed(T: int, compiled: bool) -> int:
 @contextmanager
 def compiled_blocks(model, on: bool = True):
     """Inside the block, every transformer block of `model` runs through torch.compile (all blocks
-    share one compiled graph per shape: same code); on leaving, they run eagerly again, since
-    generation's one-token steps with a KV cache would only trigger more compilations. The first
-    call of each shape waits for the compiler (tens of seconds on a CPU); later calls fuse the
-    elementwise work between the matrix products (norms, rotary embedding, SiLU, the adapter's
-    gate). Callers pad their inputs with `bucketed` to keep the number of shapes small."""
+    share one compiled graph per shape: same code), and so does the output head's loss over a chunk
+    of rows (rows_loss); on leaving, both run eagerly again, since generation's one-token steps with
+    a KV cache would only trigger more compilations. The first call of each shape waits for the
+    compiler (tens of seconds on a CPU); later calls fuse the elementwise work between the matrix
+    products (norms, rotary embedding, SiLU, the adapter's gate, the head's softmax over the
+    vocabulary). Callers pad their inputs with `bucketed` to keep the number of shapes small."""
+    global _rows_loss
     if on:
         import torch._dynamo.config
         # a shape is a graph for training, one for the frozen base (no gradient), one for the
@@ -57,12 +59,14 @@ def compiled_blocks(model, on: bool = True):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for layer in model.layers:
             layer.compile(dynamic=False)             # nn.Module.compile: wraps this module's __call__
+        _rows_loss = torch.compile(rows_loss)        # a chunk's logits read once, not once a line
     try:
         yield
     finally:
         if on:
             for layer in model.layers:
                 layer._compiled_call_impl = None     # what nn.Module.compile set: back to eager
+            _rows_loss = rows_loss
 
 
 class SharedPrefix:
@@ -98,6 +102,26 @@ class SharedPrefix:
 HEAD_CHUNK = 1 << 23    # logits computed at a time, in elements: 8M fp32 = 32 MB (SmolLM2: 170 rows of 49,152)
 
 
+def rows_loss(z: torch.Tensor, target: torch.Tensor, want_grad: bool):
+    """The summed loss of logits z (n, V) against target, in fp32, and (want_grad) its gradient for z
+    in z's dtype, else None. target: next tokens (n, 1), for cross-entropy, whose gradient is
+    softmax − one-hot; or a teacher's log-probabilities (n, V), for KL(teacher ‖ model), whose
+    gradient is softmax·Σp − p (exact even if Σp is not quite 1). In place where it can: eagerly,
+    each line is one pass over n·V numbers; compiled_blocks fuses them."""
+    logp = z.float().log_softmax(-1)                                           # (n, V)
+    if not target.is_floating_point():                                         # next tokens: cross-entropy
+        loss = -logp.gather(1, target).sum()
+        d = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=logp.dtype)) if want_grad else None
+    else:                                                                      # KL(teacher ‖ model)
+        p = target.exp()
+        loss = (p * (target - logp)).sum()
+        d = logp.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p) if want_grad else None
+    return loss, None if d is None else d.to(z.dtype)
+
+
+_rows_loss = rows_loss      # what _ChunkedHeadLoss calls: rows_loss, or its compiled form inside compiled_blocks
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Σ over rows of the loss of logits x·Wᵀ against `target`, and its gradient for x, a chunk of rows
     at a time, both in the forward pass (the loss is the graph's last node, so its gradient is known
@@ -113,22 +137,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), device=x.device)
         grad = torch.empty_like(x) if want_grad else None                         # (N, C)
         for i in range(0, x.shape[0], rows):
-            z = F.linear(x[i:i + rows], weight).float()                            # (n, V) logits
-            logp = z.sub_(z.logsumexp(-1, keepdim=True))                           # log-softmax, in place
-            if isinstance(target, torch.Tensor):                                   # next tokens: cross-entropy
-                t = target[i:i + rows, None]                                       # (n, 1)
-                loss -= logp.gather(1, t).sum()
-                if not want_grad:                                                  # evaluation: the loss only
-                    continue
-                d = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))  # softmax − one-hot
-            else:                                                                  # KL(teacher ‖ model)
-                teacher = target(i, i + rows)                                      # (n, V) log-probabilities
-                p = teacher.exp()
-                loss += (p * (teacher - logp)).sum()
-                if not want_grad:
-                    continue
-                d = logp.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)              # exact if Σp is not quite 1
-            grad[i:i + rows] = (d.to(weight.dtype) @ weight).to(x.dtype)           # (n, C): dloss/dx
+            z = F.linear(x[i:i + rows], weight)                                    # (n, V) logits
+            t = target[i:i + rows, None] if isinstance(target, torch.Tensor) else target(i, i + rows)
+            chunk_loss, d = _rows_loss(z, t, want_grad)
+            loss += chunk_loss
+            if want_grad:
+                grad[i:i + rows] = (d @ weight).to(x.dtype)                        # (n, C): dloss/dx
         ctx.save_for_backward(grad)
         return loss
 

@@ -19,8 +19,11 @@ def whole_logits_loss(model, x, target):
     return F.kl_div(logp, target(0, x.shape[0]), log_target=True, reduction="sum")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kind", ["next tokens", "teacher"])
-def test_chunked_head_loss_equals_the_whole_logits_loss_and_its_gradient(monkeypatch, kind):
+def test_chunked_head_loss_equals_the_whole_logits_loss_and_its_gradient(monkeypatch, kind, compiled):
+    """Eagerly, and with rows_loss compiled (inside compiled_blocks, as under --compile: chunks of 3
+    rows and a last one of 1, two shapes)."""
     model = tiny_model().requires_grad_(False)                      # a frozen head, as in LIFT: the chunked path
     V = model.cfg.vocab_size
     monkeypatch.setattr(compute, "HEAD_CHUNK", 3 * V)                 # 3 rows a chunk: 37 rows make 13 chunks
@@ -30,15 +33,18 @@ def test_chunked_head_loss_equals_the_whole_logits_loss_and_its_gradient(monkeyp
     target = torch.randint(0, V, (37,)) if kind == "next tokens" else (lambda i, j: teacher[i:j])
     grads = []
     for loss_fn in (compute.head_loss, whole_logits_loss):
-        loss = loss_fn(model, x, target)
+        with compute.compiled_blocks(model, compiled and loss_fn is compute.head_loss):
+            assert (compute._rows_loss is compute.rows_loss) != (compiled and loss_fn is compute.head_loss)
+            loss = loss_fn(model, x, target)
         (2.5 * loss).backward()                                       # the caller's scale reaches the gradient
         grads.append((loss.item(), x.grad.clone()))
         x.grad = None
     (chunked, g_chunked), (whole, g_whole) = grads
     assert chunked == pytest.approx(whole, rel=1e-5)
     assert torch.allclose(g_chunked, g_whole, atol=1e-6)
-    with torch.no_grad():                                             # evaluation: the same loss, no gradient work
+    with torch.no_grad(), compute.compiled_blocks(model, compiled):    # evaluation: the same loss, no gradient work
         assert compute.head_loss(model, x, target).item() == pytest.approx(whole, rel=1e-5)
+    assert compute._rows_loss is compute.rows_loss                    # eager again after the block
 
 
 def test_head_loss_with_an_output_adapter_trains_the_adapter():
