@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                                compile_too=not args.no_compile)
             if args.profile:
                 from profiling import write_profiles
-                write_profiles(model, tok, args.train_lengths[0], args.lengths[-1], dtype, Path(args.profile))
+                write_profiles(model, tok, args.train_lengths[0], args.lengths[-1], dtype, Path(args.profile), not args.no_compile)
             return 0
         if args.cmd == "generate":
             return generate_cmd(args)

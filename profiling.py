@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import gated_memory
-from compute import autocast
+from compute import autocast, compiled_blocks
 from lift import TrainConfig, batch_loss
 from speed import fused_kernel_on_cpu, windows
 
@@ -26,13 +26,17 @@ def top_operators(run, path: Path, rows: int = 20) -> str:
     return table
 
 
-def profile_step(model, tok, T: int, dtype: str, out: Path) -> str:
-    """The top operators of one training step with Gated Memory attached."""
-    examples = windows(tok, T, 1)
-    cfg = TrainConfig(dtype=dtype)
+def profile_step(model, tok, T: int, dtype: str, out: Path, batch: int = 1, compiled: bool = False) -> str:
+    """The top operators of one training step with Gated Memory attached, on `batch` windows, its
+    blocks and the head's loss compiled or not (compiled: the warm-up pays the compilation; the
+    compiled graphs then show as "CompiledFxGraph" rows, their matrix products as aten::mm)."""
+    examples = windows(tok, T, batch)
+    cfg = TrainConfig(dtype=dtype, batch=batch, compile=compiled)
     gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
     model.train()
-    table = top_operators(lambda: batch_loss(model, examples, cfg)[0].backward(), out / f"profile_train_step_{T}.txt")
+    name = f"profile_train_step_{T}" + (f"_batch{batch}" if batch > 1 else "") + ("_compiled" if compiled else "")
+    with compiled_blocks(model, compiled):
+        table = top_operators(lambda: batch_loss(model, examples, cfg)[0].backward(), out / f"{name}.txt")
     model.eval()
     gated_memory.remove(model)
     return table
@@ -50,7 +54,11 @@ def profile_prefill(model, T: int, dtype: str, out: Path) -> str:
     return "\n".join(tables)
 
 
-def write_profiles(model, tok, train_length: int, prefill_length: int, dtype: str, out: Path) -> None:
-    """Print and write both profiles: a training step of train_length tokens, a prefill of prefill_length."""
+def write_profiles(model, tok, train_length: int, prefill_length: int, dtype: str, out: Path,
+                   compiled: bool = True) -> None:
+    """Print and write the profiles: a training step of train_length tokens (and, if compiled, the
+    bench's fastest step, batch 4 compiled), a prefill of prefill_length."""
     print(profile_step(model, tok, train_length, dtype, out))
+    if compiled:
+        print(profile_step(model, tok, train_length, dtype, out, batch=4, compiled=True))
     print(profile_prefill(model, prefill_length, dtype, out))

@@ -172,6 +172,20 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
                                                           "profile_prefill_48_fused.txt"}
 
 
+def test_profile_of_a_compiled_step_shows_compiled_graphs_and_leaves_the_model_eager(tiny_dir, tmp_path):
+    """A step profiled as --compile runs it: blocks and the head's loss compiled (their graphs
+    appear in the table), the matrix products still named; afterwards nothing is left compiled or attached."""
+    import compute
+    import profiling
+    from checkpoint import load_model
+    model, tok = load_model(str(tiny_dir))
+    table = profiling.profile_step(model, tok, 32, "float32", tmp_path, compiled=True)      # graphs shared with test_lift
+    assert (tmp_path / "profile_train_step_32_compiled.txt").read_text() == table
+    assert "CompiledFxGraph" in table and "aten::mm" in table
+    assert all(layer._compiled_call_impl is None and layer.attention.head_adapter is None for layer in model.layers)
+    assert compute._rows_loss is compute.rows_loss
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_weight_flops_count_every_product_a_token_meets_and_only_those(tied):
     """The 4N limit's N: every nn.Linear of the blocks, plus the output head (the tied embedding, or the
