@@ -72,9 +72,9 @@ def learning_settings(cfg) -> dict:
 
 def adapter_settings(cfg) -> dict:
     """The adapter's settings as recorded in cache keys: learning_settings, and the probes' options
-    (memory_reads, targets) too only when not at their defaults, so that adapters cached before
+    (memory_reads, memory_mix, targets) too only when not at their defaults, so that adapters cached before
     them keep their keys."""
-    probes = {"memory_reads": "head", "targets": "all"}
+    probes = {"memory_reads": "head", "memory_mix": "blend", "targets": "all"}
     return {k: v for k, v in learning_settings(cfg).items() if probes.get(k, object()) != v}
 
 

@@ -56,6 +56,9 @@ class GatedMemoryConfig:
                                        "the queries of all the layer's heads, i.e. the whole normalised residual stream "
                                        "through the frozen wq, at the same parameter count (our extension)",
                                choices=("head", "layer"))
+    memory_mix: str = option("blend", "how a head's output takes the memory: 'blend', (1 − g)·attn + g·m (the paper); "
+                                      "'add', attn + g·m, attention never damped (our extension, to measure what the "
+                                      "damping costs the reading of a document in context)", choices=("blend", "add"))
     gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
                                     "so that a shut head passes the base's attention unchanged (0 = the paper)")
     head_lora: int = option(0, "rank of a LoRA on the output head trained beside the memory, alpha = 2·rank "
@@ -126,7 +129,7 @@ class GatedMemory(nn.Module):
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
-        (B, T, H, D). Returns (1 − g)·attn + g·m(q), (B, T, H, D)."""
+        (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add'; (B, T, H, D)."""
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
             g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
@@ -140,9 +143,12 @@ class GatedMemory(nn.Module):
                 self.last_share = torch.zeros_like(self.last_gates)
             return attn
         m = self.memory(q).to(attn.dtype)
+        add = self.cfg.memory_mix == "add"
         if self.record_gates:        # the memory's share of the head's output: |g·m| / (|(1−g)·attn| + |g·m|)
-            a, b = ((1 - g) * attn.float())[0].norm(dim=-1), (g * m.float())[0].norm(dim=-1)   # (T, H)
+            a, b = ((1 - g * (not add)) * attn.float())[0].norm(dim=-1), (g * m.float())[0].norm(dim=-1)   # (T, H)
             self.last_share = (b / (a + b + 1e-12)).detach().cpu()
+        if add:                      # attention as the base model's, the memory on top
+            return attn + g.to(attn.dtype) * m
         return attn + g.to(attn.dtype) * (m - attn)          # (1 − g)·attn + g·m in three elementwise steps
 
 

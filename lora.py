@@ -25,7 +25,8 @@ from options import option
 
 TARGETS = {"attention": ("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
            "feed_forward": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
-           "values": ("attention.wv", "attention.wo")}     # what attention reads and writes, not where it looks
+           "values": ("attention.wv", "attention.wo"),     # what attention reads and writes, not where it looks
+           "wo": ("attention.wo",)}    # only what it writes, at each position alone, where Gated Memory writes
 TARGETS["all"] = TARGETS["attention"] + TARGETS["feed_forward"]
 
 
@@ -34,7 +35,7 @@ class LoRAConfig:
     rank: int = option(16, "r (the paper's PiSSA baseline: r = 128 on an 8B model)")
     alpha: float = option(32.0, "the update is scaled by alpha / rank")
     targets: str = option("all", "which projections get an update: all, attention (wq wk wv wo), "
-                                 "feed_forward (w1 w2 w3) or values (wv wo), to see where a document's facts "
+                                 "feed_forward (w1 w2 w3), values (wv wo) or wo alone, to see where a document's facts "
                                  "are stored",
                           choices=tuple(TARGETS))
 

@@ -4,21 +4,15 @@
     python eval.py bench --profile DIR    also the top operators of a training step and of the longest prefill (profiling.py)
     python eval.py bench --no-compile     without the torch.compile rows, minutes shorter
 
-Machines differ from session to session, so every speed is also given as a fraction of a rate
-measured in the same run: the machine's matrix-product rate in the compute dtype (FLOP/s of a 2048³
-product). Prefill needs 2 FLOPs per weight per token (forward), plus causal attention. A LIFT
-training step on a frozen base needs the forward pass and the gradients of the activations, not of
-the frozen weights: ≈ 4 FLOPs per weight per token (the "4N limit"), plus attention (forward and
-backward, ≈ 3× the forward's 2·T²·D·H per layer); the adapter's own FLOPs (< 2% of the model's) are
-left out, so the fraction slightly understates the work done. The "matrix products alone" rows
-time just those 2N (prefill) or 4N FLOPs on the model's own weights, in turn: the gap is theirs, or
-the rest's. The "explicit attention", "fused attention kernel" and "attention of one layer" rows
-time, in turn, the paths model.py chooses between: the explicit math by blocks of queries (a CPU's
-in bf16, and its two branches; answering with AMX excepted) and the fused kernel; the other rows take
-model.py's choice. The "default loop step" rows time what a LIFT run does per window, by part:
-the window, the anchor's KL on an unrelated example (our extension, on by default), the optimizer.
-The "self-study questions" rows time QA examples in the LIFT+ICL prompt one at a time and with
---qa-batch (their shared truncated document once per batch: compute.SharedPrefix)."""
+Every speed is also a fraction of the machine's matrix-product rate in the compute dtype, measured
+in the same run (a 2048³ product). Prefill needs 2 FLOPs per weight per token; a LIFT step on a
+frozen base, the forward and the activations' gradients, ≈ 4 (the "4N limit"); each plus causal
+attention (the forward's 2·T²·D·H per layer, ≈ 3× that for a step); the adapter's < 2% left out.
+"Matrix products alone" rows time just those 2N or 4N FLOPs on the model's own weights: the gap is
+theirs or the rest's. "Explicit attention" / "fused attention kernel" rows time model.py's two
+paths in turn; "attention of one layer" splits off the softmax, whose one exp per score no product
+rate speeds up; "default loop step", a LIFT run's step by part (window, the anchor's KL, optimizer);
+"self-study questions", QA examples one at a time and with --qa-batch (compute.SharedPrefix)."""
 from __future__ import annotations
 
 import os
@@ -41,8 +35,7 @@ from model import generate
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 2, trials: int = 3) -> float:
-    """FLOP/s of an n×n×n matrix product in dtype, on this machine now: the best of a few trials
-    (a shared virtual machine's speed drifts by ±20% from second to second)."""
+    """FLOP/s of an n×n×n product in dtype here now: the best of a few trials (a shared VM drifts ±20%)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
@@ -55,8 +48,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 2, trials: int = 
 
 
 class RSSSampler:
-    """Resident memory of this process, sampled every 5 ms in a thread: (at start, peak) in MB.
-    (ru_maxrss would include the model load's own peak, higher than anything measured after it.)"""
+    """This process's resident MB, (at start, peak), sampled every 5 ms (ru_maxrss has the load's peak)."""
 
     def _rss_mb(self) -> float:
         with open("/proc/self/statm") as f:
@@ -112,8 +104,7 @@ def step_products(model, rows: int, dtype: str, reps: int = 3, backward: bool = 
 
 def attention_flops(model, T: int) -> int:
     """Forward FLOPs of causal attention over T tokens, all layers: QKᵀ and PV, half of T×T each."""
-    c = model.cfg
-    return 2 * T * T * c.head_dim * c.n_heads * c.n_layers
+    return 2 * T * T * model.cfg.head_dim * model.cfg.n_heads * model.cfg.n_layers
 
 
 def windows(tok, T: int, n: int) -> list:
@@ -124,12 +115,10 @@ def windows(tok, T: int, n: int) -> list:
 
 def train_step_rate(model, tok, T: int, dtype: str, checkpointing: bool, batch: int = 1, steps: int = 3,
                     compiled: bool = False, paths: tuple = (None,)) -> dict[Optional[bool], tuple[float, float, float]]:
-    """Tokens/s of LIFT's training step (forward, loss, backward; no optimizer: its cost is the
-    adapter's size, not the model's) on `batch` T-token windows, its extra peak memory in MB and the
-    first step's seconds, for each attention path in `paths` (fused_kernel_on_cpu's flag; None:
-    model.py's choice), timed step by step in turn so that the machine's drift hits both alike.
-    compiled: torch.compile each block first (the first step then pays the compilation; blocks
-    share one compiled graph)."""
+    """Tokens/s of LIFT's training step (forward, loss, backward; not the optimizer, whose cost is the
+    adapter's size) on `batch` T-token windows, extra peak MB and first step's seconds, for each
+    attention path in `paths` (fused_kernel_on_cpu's flag; None: model.py's choice), step by step in
+    turn so that drift hits both alike. compiled: as --compile (the first step pays the compilation)."""
     examples = windows(tok, T, batch)
     cfg = TrainConfig(dtype=dtype, grad_checkpoint=checkpointing, batch=batch)
     gated_memory.attach(model, gated_memory.GatedMemoryConfig(), seed=0)
@@ -170,9 +159,8 @@ def fused_kernel_on_cpu(on: Optional[bool]):
 
 
 def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
-    """Milliseconds of one layer's attention, forward and backward, over T tokens, by path (median of
-    `reps` after a warm-up): the explicit math by blocks of queries (a CPU's in bf16), the fused kernel
-    with copied keys and values (CUDA's, a CPU's in fp32), the fused kernel sharing them (enable_gqa)."""
+    """Median ms of one layer's attention, forward and backward, over T tokens, by path: explicit by blocks
+    (a CPU's in bf16), the fused kernel on copied keys and values (CUDA's, a CPU's in fp32), or sharing them."""
     c, dt = model.cfg, getattr(torch, dtype)
     q = torch.randn(1, c.n_heads, T, c.head_dim, dtype=dt, requires_grad=True)
     k, v = (torch.randn(1, c.n_kv_heads, T, c.head_dim, dtype=dt, requires_grad=True) for _ in range(2))
@@ -193,17 +181,29 @@ def attention_paths(model, T: int, dtype: str, reps: int = 5) -> str:
 
 
 def answering_attention(model, T: int, dtype: str, reps: int = 7) -> str:
-    """Median ms of one layer's explicit attention forward: answering's branch, then training's, in turn."""
-    c, dt = model.cfg, getattr(torch, dtype)
+    """Median ms of one layer's explicit attention forward (answering's branch), and of a softmax and
+    of exp alone over scores of the shapes its blocks of queries make, each block's scores in cache as
+    after their product: one exp per score is the part no product rate speeds up."""
+    c, dt, blk = model.cfg, getattr(torch, dtype), model_module.QUERY_BLOCK
     q, k, v = (torch.randn(1, h, T, c.head_dim, dtype=dt) for h in (c.n_heads, c.n_kv_heads, c.n_kv_heads))
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for turn in range(2 * reps + 2):
-        with torch.set_grad_enabled(bool(turn % 2)):
-            t = time.perf_counter()
-            model_module.explicit_attention(q, k, v)
-        times[bool(turn % 2)].append(time.perf_counter() - t)
-    a, b = (1000 * sorted(times[g][1:])[reps // 2] for g in (False, True))
-    return f"| attention of one layer over {T} tokens, forward: in place {a:.1f} ms, mask copied {b:.1f} ms | | | |"
+    scores = [torch.randn(c.n_kv_heads, c.n_rep * min(blk, T - s), min(s + blk, T), dtype=dt) for s in range(0, T, blk)]
+
+    def hot(fn, x=None) -> float:        # seconds of fn(x)'s second call: x in cache from the first
+        fn(x)
+        t = time.perf_counter()
+        fn(x)
+        return time.perf_counter() - t
+    parts = {"all": lambda: hot(lambda _: model_module.explicit_attention(q, k, v)),
+             "softmax": lambda: sum(hot(lambda x: F.softmax(x, dim=-1), x) for x in scores),
+             "exp": lambda: sum(hot(torch.exp, x) for x in scores)}
+    times: dict[str, list[float]] = {n: [] for n in parts}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, fn in parts.items():
+                times[name].append(fn())
+    a, sm, ex = (1000 * sorted(times[n])[reps // 2] for n in parts)
+    return (f"| attention of one layer over {T} tokens, forward: {a:.1f} ms; a softmax over its "
+            f"{sum(x.numel() for x in scores):,} scores {sm:.1f} ms, exp alone {ex:.1f} ms | | | |")
 
 
 def default_loop_parts(model, tok, dtype: str, compile_too: bool = True, steps: int = 8, warmup: int = 4) -> list[str]:

@@ -145,10 +145,12 @@ def test_lora_targets_reach_the_adapter_and_set_the_folders_key(tiny_dir, tmp_pa
         ev.run(docs, tmp_path / "attention", **args)                  # LoRA everywhere: another key
 
 
-def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, tmp_path, capsys):
+def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, tmp_path, capsys, monkeypatch):
     """`eval.py bench` on a tiny model, without the compile rows: every row it promises, the two
     attention paths side by side, fractions of the measured product rate, and the profiles."""
     import eval as ev
+    import model
+    monkeypatch.setattr(model, "QUERY_BLOCK", 16)              # three blocks of queries over 48 tokens
     assert ev.main(["bench", "--model", str(tiny_dir), "--dtype", "float32", "--lengths", "48", "--train-lengths",
                     "32", "--decode-tokens", "2", "--no-compile", "--profile", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
@@ -156,7 +158,8 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     for what in ("prefill 48, explicit attention", "prefill 48, fused attention kernel",
                  "ℓ = 32, explicit attention (in turn)", "ℓ = 32, fused attention kernel (in turn)",
                  "ℓ = 32, checkpointing", "ℓ = 32, batch 4", "default loop step:", "--qa-batch 8", "decode 2 tokens",
-                 "matrix products alone, ℓ = 32", "prefill 48's matrix products alone"):
+                 "matrix products alone, ℓ = 32", "prefill 48's matrix products alone",
+                 "attention of one layer over 48 tokens, forward:"):
         assert sum(what in r for r in rows) == 1, what
     assert not any("torch.compile" in r or "--compile" in r for r in rows)
     # a tiny model's step is a few % of its 4N limit, which can round to "0%": compare the unrounded figures
@@ -168,6 +171,8 @@ def test_bench_times_both_attention_paths_in_turn_and_writes_profiles(tiny_dir, 
     assert rate("matrix products alone, ℓ = 32") > rate("ℓ = 32, explicit attention")   # the products are part of the step
     assert rate("prefill 48's matrix products alone") > rate("prefill 48, explicit attention")   # ... and of a prefill
     assert "matmul 2048^3 again" in out
+    # the softmax row counts the scores the blocks of 16 queries make: 4 heads × 16 queries × (16 + 32 + 48) keys
+    assert "over its 6,144 scores" in next(r for r in rows if "attention of one layer over 48" in r)
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile_train_step_32.txt", "profile_prefill_48.txt",
                                                           "profile_prefill_48_fused.txt"}
 

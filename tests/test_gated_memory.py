@@ -50,6 +50,20 @@ def test_output_is_one_minus_g_times_attention_plus_g_times_memory():
     assert torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-5)
 
 
+def test_the_add_mix_keeps_attention_whole_and_adds_g_times_memory():
+    """--memory-mix add: o = attn + g(q)·m(q), attention never damped; a fresh one is the base up to m ≈ 0."""
+    mem, q, attn = spread_memory()
+    g, m = mem.gate(q), mem.memory(q)
+    mem.cfg = gm.GatedMemoryConfig(gate_shift=0.5, memory_mix="add")
+    assert torch.allclose(mem(q, attn), attn + g * m, atol=1e-5)
+    assert not torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-2)   # the blend differs here
+    torch.manual_seed(1)
+    fresh, blend = (gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_mix=mix)) for mix in ("add", "blend"))
+    blend.load_state_dict(fresh.state_dict())
+    off = {mix: (a(q, attn) - attn).abs().max() for mix, a in (("add", fresh), ("blend", blend))}
+    assert off["add"] < 0.01 * off["blend"]                   # the blend damps by 1 − 0.047, the add does not
+
+
 def test_in_bf16_the_blend_stays_in_bf16_and_within_its_rounding_of_the_fp32_output():
     """Under bf16 autocast the blend runs in the attention's dtype (no fp32 copies of the heads);
     it must still be the fp32 formula up to bf16's rounding."""

@@ -39,7 +39,7 @@ def test_lora_save_load_and_disable(tmp_path):
 
 
 @pytest.mark.parametrize("targets, hooked", [("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")),
-                                             ("values", ("wv", "wo"))])
+                                             ("values", ("wv", "wo")), ("wo", ("wo",))])
 def test_lora_on_part_of_the_block_updates_only_those_projections(targets, hooked):
     base, model = tiny_model(), tiny_model()
     lora.attach(model, lora.LoRAConfig(rank=4, targets=targets), seed=0)
