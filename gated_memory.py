@@ -144,8 +144,9 @@ class GatedMemory(nn.Module):
             return attn
         m = self.memory(q).to(attn.dtype)
         add = self.cfg.memory_mix == "add"
-        if self.record_gates:        # the memory's share of the head's output: |g·m| / (|(1−g)·attn| + |g·m|)
-            a, b = ((1 - g * (not add)) * attn.float())[0].norm(dim=-1), (g * m.float())[0].norm(dim=-1)   # (T, H)
+        if self.record_gates:        # the memory's share of the head's output: |g·m| / (|attention kept| + |g·m|)
+            kept = attn.float() if add else (1 - g) * attn.float()                # what is left of attention
+            a, b = kept[0].norm(dim=-1), (g * m.float())[0].norm(dim=-1)          # (T, H)
             self.last_share = (b / (a + b + 1e-12)).detach().cpu()
         if add:                      # attention as the base model's, the memory on top
             return attn + g.to(attn.dtype) * m

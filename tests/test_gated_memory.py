@@ -57,6 +57,10 @@ def test_the_add_mix_keeps_attention_whole_and_adds_g_times_memory():
     mem.cfg = gm.GatedMemoryConfig(gate_shift=0.5, memory_mix="add")
     assert torch.allclose(mem(q, attn), attn + g * m, atol=1e-5)
     assert not torch.allclose(mem(q, attn), (1 - g) * attn + g * m, atol=1e-2)   # the blend differs here
+    mem.record_gates = True                                   # the memory's share, against attention undamped
+    mem(q, attn)
+    a, b = attn[0].norm(dim=-1), (g * m)[0].norm(dim=-1)
+    assert torch.allclose(mem.last_share, b / (a + b), atol=1e-5)
     torch.manual_seed(1)
     fresh, blend = (gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_mix=mix)) for mix in ("add", "blend"))
     blend.load_state_dict(fresh.state_dict())
