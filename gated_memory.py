@@ -19,7 +19,8 @@ One extension of ours, off by default: `memory_reads="layer"` gives each head's 
 of all the layer's heads (the whole normalised residual stream, through the frozen wq) at the
 same weight count, to measure how much the narrow 64-wide input slows storing
 (results/NOTEBOOK.md, "Where each adapter writes": a little; the place the memory writes matters
-more).
+more). `memory_reads="attention"` gives each head's memory what attention gathered for that head
+(its output, D wide, the same weights) instead of its query: the input LoRA on wo reads.
 
 Initialisation (our choice; the released code applies kaiming-uniform to the stacked tensors,
 which gives other scales): the input layers W1, W1' get PyTorch's usual fan-in scale so their
@@ -54,8 +55,9 @@ class GatedMemoryConfig:
     init_std: float = option(1e-3, "std of the output layers at initialisation (m ≈ 0, g ≈ σ(−3))")
     memory_reads: str = option("head", "what each head's memory reads: 'head', its own query (the paper); 'layer', "
                                        "the queries of all the layer's heads, i.e. the whole normalised residual stream "
-                                       "through the frozen wq, at the same parameter count (our extension)",
-                               choices=("head", "layer"))
+                                       "through the frozen wq, at the same parameter count; 'attention', the head's "
+                                       "attention output, what LoRA on wo reads (our extensions)",
+                               choices=("head", "layer", "attention"))
     memory_mix: str = option("blend", "how a head's output takes the memory: 'blend', (1 − g)·attn + g·m (the paper); "
                                       "'add', attn + g·m, attention never damped (our extension, to measure what the "
                                       "damping costs the reading of a document in context)", choices=("blend", "add"))
@@ -78,7 +80,7 @@ class GatedMemoryConfig:
         (H·D wide), the hidden width shrinks so that a head keeps the paper's weight count,
         D·2D + 2D·D = 4D² at memory_mult 2 (26 hidden units for SmolLM2's H = 9, D = 64)."""
         hidden = self.memory_mult * head_dim
-        if self.memory_reads == "head":
+        if self.memory_reads != "layer":                     # a head's query, or its attention output
             return head_dim, hidden
         wide = n_heads * head_dim
         return wide, max(1, round(hidden * 2 * head_dim / (wide + head_dim)))
@@ -120,16 +122,18 @@ class GatedMemory(nn.Module):
         return torch.sigmoid(self.cfg.gate_scale * (u.float() - self.cfg.gate_shift)).unsqueeze(-1)
 
     def memory(self, q: torch.Tensor) -> torch.Tensor:
-        """m(q). q: (B, T, H, D) -> (B, T, H, D)."""
+        """m(q). q: (B, T, H, D) -> (B, T, H, D); with memory_reads 'attention', q is the heads'
+        attention outputs instead (forward passes them)."""
         if self.cfg.memory_reads == "layer":        # every head reads all H queries, (B, T, H·D)
             h = F.silu(torch.einsum("bti,hiw->bthw", q.flatten(2), self.mem_in))
-        else:                                        # the paper: each head its own query
+        else:                                        # each head its own query (the paper) or attention
             h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))      # (B, T, H, 2D)
         return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
-        (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add'; (B, T, H, D)."""
+        (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add', with m(attn)
+        for m(q) if memory_reads is 'attention'; (B, T, H, D)."""
         g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
             g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
@@ -142,7 +146,7 @@ class GatedMemory(nn.Module):
             if self.record_gates:
                 self.last_share = torch.zeros_like(self.last_gates)
             return attn
-        m = self.memory(q).to(attn.dtype)
+        m = self.memory(attn if self.cfg.memory_reads == "attention" else q).to(attn.dtype)
         add = self.cfg.memory_mix == "add"
         if self.record_gates:        # the memory's share of the head's output: |g·m| / (|attention kept| + |g·m|)
             kept = attn.float() if add else (1 - g) * attn.float()                # what is left of attention

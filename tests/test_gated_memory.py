@@ -213,6 +213,27 @@ def test_a_memory_reading_the_layer_sees_every_heads_query_at_the_papers_weight_
     assert abs(weights["layer"] / weights["head"] - 1) < 0.02
 
 
+def test_a_memory_reading_attention_takes_what_attention_gathered_not_the_query():
+    """--memory-reads attention: with the gate held, the head's output follows its attention
+    output through the memory, (1 − g)·attn + g·m(attn), and no longer moves with the query (the
+    paper's does); the gate still reads the query; same weight count as the paper's memory."""
+    torch.manual_seed(0)
+    paper, reads = (gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_reads=r)) for r in ("head", "attention"))
+    for mem in (paper, reads):
+        with torch.no_grad():
+            mem.mem_out.normal_(std=0.3)
+        mem.force_gate = 0.5
+    q, attn = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 4, 16)
+    other = q + 1.0
+    assert torch.allclose(reads(q, attn), 0.5 * attn + 0.5 * reads.memory(attn), atol=1e-6)
+    assert torch.equal(reads(q, attn), reads(other, attn))
+    assert not torch.allclose(paper(q, attn), paper(other, attn))
+    reads.force_gate = None
+    assert not torch.allclose(reads(q, attn), reads(other, attn))       # through the gate only
+    count = {n: sum(p.numel() for p in m.parameters()) for n, m in (("head", paper), ("attention", reads))}
+    assert count["head"] == count["attention"]
+
+
 def test_the_output_heads_lora_starts_as_a_no_op_trains_saves_and_switches_off(tmp_path):
     """--head-lora 2 (the released code's rank-2 LoRA on the output head, alpha 4): B = 0, so a
     fresh one adds nothing to the logits; it is trainable beside the memory, gets a gradient, is
