@@ -121,13 +121,13 @@ class GatedMemory(nn.Module):
         u = torch.einsum("bthr,hr->bth", h, self.gate_out)                   # (B, T, H)
         return torch.sigmoid(self.cfg.gate_scale * (u.float() - self.cfg.gate_shift)).unsqueeze(-1)
 
-    def memory(self, q: torch.Tensor) -> torch.Tensor:
-        """m(q). q: (B, T, H, D) -> (B, T, H, D); with memory_reads 'attention', q is the heads'
-        attention outputs instead (forward passes them)."""
+    def memory(self, x: torch.Tensor) -> torch.Tensor:
+        """m(x). x: what the memory reads, (B, T, H, D): the heads' queries (the paper), or their
+        attention outputs with memory_reads 'attention' (forward passes the right one) -> (B, T, H, D)."""
         if self.cfg.memory_reads == "layer":        # every head reads all H queries, (B, T, H·D)
-            h = F.silu(torch.einsum("bti,hiw->bthw", q.flatten(2), self.mem_in))
+            h = F.silu(torch.einsum("bti,hiw->bthw", x.flatten(2), self.mem_in))
         else:                                        # each head its own query (the paper) or attention
-            h = F.silu(torch.einsum("bthd,hdw->bthw", q, self.mem_in))      # (B, T, H, 2D)
+            h = F.silu(torch.einsum("bthd,hdw->bthw", x, self.mem_in))      # (B, T, H, 2D)
         return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
