@@ -21,6 +21,8 @@ same weight count, to measure how much the narrow 64-wide input slows storing
 (results/NOTEBOOK.md, "Where each adapter writes": a little; the place the memory writes matters
 more). `memory_reads="attention"` gives each head's memory what attention gathered for that head
 (its output, D wide, the same weights) instead of its query: the input LoRA on wo reads.
+`gate_fixed=c` removes the gate: g is the constant c for every token, so that a run measures what
+learning the gate costs (with memory_mix "add" and c = 1, each head adds m to its attention).
 
 Initialisation (our choice; the released code applies kaiming-uniform to the stacked tensors,
 which gives other scales): the input layers W1, W1' get PyTorch's usual fan-in scale so their
@@ -63,6 +65,9 @@ class GatedMemoryConfig:
                                       "damping costs the reading of a document in context)", choices=("blend", "add"))
     gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
                                     "so that a shut head passes the base's attention unchanged (0 = the paper)")
+    gate_fixed: float = option(0.0, "our extension: if above 0, there is no gate to learn and g is this constant "
+                                    "for every token, in training and answering (to measure what learning the "
+                                    "gate costs or buys; 0 = the paper's learned gate)")
     head_lora: int = option(0, "rank of a LoRA on the output head trained beside the memory, alpha = 2·rank "
                                "(the released code: rank 2, alpha 4); 0 = none")
 
@@ -71,6 +76,8 @@ class GatedMemoryConfig:
         if not 0 <= self.gate_floor < fresh:
             raise ConfigError(f"--gate-floor {self.gate_floor}: must be at least 0 and below the fresh gate "
                               f"{fresh:.4f}, or every gate starts shut and none ever gets a gradient")
+        if not 0 <= self.gate_fixed <= 1:
+            raise ConfigError(f"--gate-fixed {self.gate_fixed}: a gate is a share, between 0 and 1 (0 = learned)")
 
     def gate_hidden(self, head_dim: int) -> int:
         return self.gate_width or math.isqrt(head_dim)
@@ -97,12 +104,14 @@ class GatedMemory(nn.Module):
         self.cfg = cfg
         self.mem_in = nn.Parameter(torch.empty(H, I, W))     # W1_h
         self.mem_out = nn.Parameter(torch.empty(H, W, D))    # W2_h
-        self.gate_in = nn.Parameter(torch.empty(H, D, R))    # W1'_h
-        self.gate_out = nn.Parameter(torch.empty(H, R))      # w2_h
         nn.init.uniform_(self.mem_in, -1 / math.sqrt(I), 1 / math.sqrt(I))
-        nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
         nn.init.normal_(self.mem_out, std=cfg.init_std)
-        nn.init.normal_(self.gate_out, std=cfg.init_std)
+        self.gate_in = self.gate_out = None                  # with gate_fixed, no gate to learn
+        if not cfg.gate_fixed:
+            self.gate_in = nn.Parameter(torch.empty(H, D, R))    # W1'_h
+            self.gate_out = nn.Parameter(torch.empty(H, R))      # w2_h
+            nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
+            nn.init.normal_(self.gate_out, std=cfg.init_std)
         self.gate_floor = cfg.gate_floor                     # sameness.py may change it for answering
         # Diagnostics, not training state: force g to a constant, or record the mean g per head.
         self.force_gate: Optional[float] = None
@@ -134,7 +143,8 @@ class GatedMemory(nn.Module):
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add', with m(attn)
         for m(q) if memory_reads is 'attention'; (B, T, H, D)."""
-        g = self.gate(q) if self.force_gate is None else torch.full_like(q[..., :1], self.force_gate, dtype=torch.float32)
+        fixed = self.force_gate if self.force_gate is not None else self.cfg.gate_fixed or None
+        g = self.gate(q) if fixed is None else torch.full_like(q[..., :1], fixed, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
             g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
                                                               #  unless its weights move for other tokens)

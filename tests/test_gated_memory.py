@@ -234,6 +234,35 @@ def test_a_memory_reading_attention_takes_what_attention_gathered_not_the_query(
     assert count["head"] == count["attention"]
 
 
+def test_a_fixed_gate_has_no_weights_holds_every_token_at_its_value_and_trains_and_reloads(tmp_path):
+    """--gate-fixed c: no gate MLP (fewer weights, nothing of it to train or save); g = c for every
+    token, so with memory_mix 'add' a head's output is attn + c·m; the memory still trains, the file
+    restores it; and a gate outside [0, 1] is refused."""
+    torch.manual_seed(0)
+    fixed = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_fixed=0.7, memory_mix="add"))
+    learned = gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_mix="add"))
+    assert {n for n, _ in fixed.named_parameters()} == {"mem_in", "mem_out"}
+    assert sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in fixed.parameters()) == 4 * (16 * 4 + 4)
+    with torch.no_grad():
+        fixed.mem_out.normal_(std=0.3)
+    fixed.record_gates = True
+    q, attn = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 4, 16)
+    assert torch.allclose(fixed(q, attn), attn + 0.7 * fixed.memory(q), atol=1e-6)
+    assert torch.equal(fixed.last_gates, torch.full((5, 4), 0.7))
+    model = with_adapter(gate_fixed=1.0)
+    F.cross_entropy(model(IDS)[0, :-1], IDS[0, 1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gm.trainable_parameters(model).values())
+    path = tmp_path / "fixed.safetensors"
+    gm.save(model, str(path))
+    again = tiny_model()
+    load_adapter_file(again, str(path))
+    with torch.no_grad():
+        assert torch.equal(again(IDS), model(IDS))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="gate-fixed"):
+            gm.GatedMemoryConfig(gate_fixed=bad)
+
+
 def test_the_output_heads_lora_starts_as_a_no_op_trains_saves_and_switches_off(tmp_path):
     """--head-lora 2 (the released code's rank-2 LoRA on the output head, alpha 4): B = 0, so a
     fresh one adds nothing to the logits; it is trainable beside the memory, gets a gradient, is
