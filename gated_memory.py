@@ -15,12 +15,13 @@ It plugs into model.py through the hook `Attention.head_adapter`. The released c
 rank-2 LoRA (alpha 4) on the output head beside the memories: `head_lora` (off by default) puts
 one on `Transformer.output_adapter`.
 
-One extension of ours, off by default: `memory_reads="layer"` gives each head's memory the queries
+Extensions of ours, all off by default: `memory_reads="layer"` gives each head's memory the queries
 of all the layer's heads (the whole normalised residual stream, through the frozen wq) at the
 same weight count, to measure how much the narrow 64-wide input slows storing
 (results/NOTEBOOK.md, "Where each adapter writes": a little; the place the memory writes matters
 more). `memory_reads="attention"` gives each head's memory what attention gathered for that head
-(its output, D wide, the same weights) instead of its query: the input LoRA on wo reads.
+(its output, D wide, the same weights) instead of its query; `"attention_layer"` the attention
+outputs of all the layer's heads, H·D wide, the whole input LoRA on wo reads.
 `gate_fixed=c` removes the gate: g is the constant c for every token, so that a run measures what
 learning the gate costs (with memory_mix "add" and c = 1, each head adds m to its attention).
 
@@ -58,8 +59,9 @@ class GatedMemoryConfig:
     memory_reads: str = option("head", "what each head's memory reads: 'head', its own query (the paper); 'layer', "
                                        "the queries of all the layer's heads, i.e. the whole normalised residual stream "
                                        "through the frozen wq, at the same parameter count; 'attention', the head's "
-                                       "attention output, what LoRA on wo reads (our extensions)",
-                               choices=("head", "layer", "attention"))
+                                       "attention output; 'attention_layer', the attention outputs of all the layer's "
+                                       "heads, what LoRA on wo reads, at the same parameter count (our extensions)",
+                               choices=("head", "layer", "attention", "attention_layer"))
     memory_mix: str = option("blend", "how a head's output takes the memory: 'blend', (1 − g)·attn + g·m (the paper); "
                                       "'add', attn + g·m, attention never damped (our extension, to measure what the "
                                       "damping costs the reading of a document in context)", choices=("blend", "add"))
@@ -87,7 +89,7 @@ class GatedMemoryConfig:
         (H·D wide), the hidden width shrinks so that a head keeps the paper's weight count,
         D·2D + 2D·D = 4D² at memory_mult 2 (26 hidden units for SmolLM2's H = 9, D = 64)."""
         hidden = self.memory_mult * head_dim
-        if self.memory_reads != "layer":                     # a head's query, or its attention output
+        if self.memory_reads not in ("layer", "attention_layer"):   # a head's query, or its attention output
             return head_dim, hidden
         wide = n_heads * head_dim
         return wide, max(1, round(hidden * 2 * head_dim / (wide + head_dim)))
@@ -132,8 +134,8 @@ class GatedMemory(nn.Module):
 
     def memory(self, x: torch.Tensor) -> torch.Tensor:
         """m(x). x: what the memory reads, (B, T, H, D): the heads' queries (the paper), or their
-        attention outputs with memory_reads 'attention' (forward passes the right one) -> (B, T, H, D)."""
-        if self.cfg.memory_reads == "layer":        # every head reads all H queries, (B, T, H·D)
+        attention outputs with memory_reads 'attention…' (forward passes the right one) -> (B, T, H, D)."""
+        if self.cfg.memory_reads in ("layer", "attention_layer"):   # every head reads all H heads, (B, T, H·D)
             h = F.silu(torch.einsum("bti,hiw->bthw", x.flatten(2), self.mem_in))
         else:                                        # each head its own query (the paper) or attention
             h = F.silu(torch.einsum("bthd,hdw->bthw", x, self.mem_in))      # (B, T, H, 2D)
@@ -142,7 +144,7 @@ class GatedMemory(nn.Module):
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add', with m(attn)
-        for m(q) if memory_reads is 'attention'; (B, T, H, D)."""
+        for m(q) if memory_reads is 'attention' or 'attention_layer'; (B, T, H, D)."""
         fixed = self.force_gate if self.force_gate is not None else self.cfg.gate_fixed or None
         g = self.gate(q) if fixed is None else torch.full_like(q[..., :1], fixed, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
@@ -156,7 +158,7 @@ class GatedMemory(nn.Module):
             if self.record_gates:
                 self.last_share = torch.zeros_like(self.last_gates)
             return attn
-        m = self.memory(attn if self.cfg.memory_reads == "attention" else q).to(attn.dtype)
+        m = self.memory(attn if self.cfg.memory_reads.startswith("attention") else q).to(attn.dtype)
         add = self.cfg.memory_mix == "add"
         if self.record_gates:        # the memory's share of the head's output: |g·m| / (|attention kept| + |g·m|)
             kept = attn.float() if add else (1 - g) * attn.float()                # what is left of attention

@@ -234,6 +234,26 @@ def test_a_memory_reading_attention_takes_what_attention_gathered_not_the_query(
     assert count["head"] == count["attention"]
 
 
+def test_a_memory_reading_the_layers_attention_mixes_heads_as_lora_on_wo_does():
+    """--memory-reads attention_layer: each head's memory reads all the heads' attention outputs, so
+    changing one head's attention moves every head's output (with 'attention' only its own), at
+    about the paper's weight count."""
+    torch.manual_seed(0)
+    own, whole = (gm.GatedMemory(4, 16, gm.GatedMemoryConfig(memory_reads=r, memory_mix="add", gate_fixed=1.0))
+                  for r in ("attention", "attention_layer"))
+    q, attn = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 4, 16)
+    other = attn.clone()
+    other[:, :, 0] += 1.0                                     # only head 0's attention changes
+    for mem in (own, whole):
+        with torch.no_grad():
+            mem.mem_out.normal_(std=0.3)
+    assert torch.equal(own(q, attn)[:, :, 1:], own(q, other)[:, :, 1:])
+    assert not torch.allclose(whole(q, attn)[:, :, 1:], whole(q, other)[:, :, 1:])
+    assert whole.mem_in.shape[1] == 4 * 16
+    count = {n: sum(p.numel() for p in m.parameters()) for n, m in (("own", own), ("whole", whole))}
+    assert abs(count["whole"] - count["own"]) / count["own"] < 0.1
+
+
 def test_a_fixed_gate_has_no_weights_holds_every_token_at_its_value_and_trains_and_reloads(tmp_path):
     """--gate-fixed c: no gate MLP (fewer weights, nothing of it to train or save); g = c for every
     token, so with memory_mix 'add' a head's output is attn + c·m; the memory still trains, the file
