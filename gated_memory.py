@@ -106,13 +106,15 @@ class GatedMemory(nn.Module):
         self.cfg = cfg
         self.mem_in = nn.Parameter(torch.empty(H, I, W))     # W1_h
         self.mem_out = nn.Parameter(torch.empty(H, W, D))    # W2_h
+        gated = not cfg.gate_fixed                           # with gate_fixed, no gate to learn
+        # (draws in the same order as before gate_fixed existed, so a seed gives the same adapter)
+        self.gate_in = nn.Parameter(torch.empty(H, D, R)) if gated else None    # W1'_h
+        self.gate_out = nn.Parameter(torch.empty(H, R)) if gated else None      # w2_h
         nn.init.uniform_(self.mem_in, -1 / math.sqrt(I), 1 / math.sqrt(I))
-        nn.init.normal_(self.mem_out, std=cfg.init_std)
-        self.gate_in = self.gate_out = None                  # with gate_fixed, no gate to learn
-        if not cfg.gate_fixed:
-            self.gate_in = nn.Parameter(torch.empty(H, D, R))    # W1'_h
-            self.gate_out = nn.Parameter(torch.empty(H, R))      # w2_h
+        if gated:
             nn.init.uniform_(self.gate_in, -1 / math.sqrt(D), 1 / math.sqrt(D))
+        nn.init.normal_(self.mem_out, std=cfg.init_std)
+        if gated:
             nn.init.normal_(self.gate_out, std=cfg.init_std)
         self.gate_floor = cfg.gate_floor                     # sameness.py may change it for answering
         # Diagnostics, not training state: force g to a constant, or record the mean g per head.
