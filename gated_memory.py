@@ -147,7 +147,8 @@ class GatedMemory(nn.Module):
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs
         (B, T, H, D). Returns (1 − g)·attn + g·m(q), or attn + g·m(q) if memory_mix is 'add', with m(attn)
         for m(q) if memory_reads is 'attention' or 'attention_layer'; (B, T, H, D)."""
-        fixed = self.force_gate if self.force_gate is not None else self.cfg.gate_fixed or None
+        # g held at a constant (a diagnostic's force_gate, else --gate-fixed), or None: the learned gate
+        fixed = self.force_gate if self.force_gate is not None else (self.cfg.gate_fixed or None)
         g = self.gate(q) if fixed is None else torch.full_like(q[..., :1], fixed, dtype=torch.float32)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
             g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
