@@ -22,6 +22,7 @@ same weight count, to measure how much the narrow 64-wide input slows storing
 more). `memory_reads="attention"` gives each head's memory what attention gathered for that head
 (its output, D wide, the same weights) instead of its query; `"attention_layer"` the attention
 outputs of all the layer's heads, H·D wide, the whole input LoRA on wo reads.
+`memory_act="none"` drops the SiLU, so the memory is linear, W2·W1·x.
 `gate_fixed=c` removes the gate: g is the constant c for every token, so that a run measures what
 learning the gate costs (with memory_mix "add" and c = 1, each head adds m to its attention).
 
@@ -67,6 +68,9 @@ class GatedMemoryConfig:
                                       "damping costs the reading of a document in context)", choices=("blend", "add"))
     gate_floor: float = option(0.0, "our extension: every g below this is exactly 0, in training and answering, "
                                     "so that a shut head passes the base's attention unchanged (0 = the paper)")
+    memory_act: str = option("silu", "the memory's nonlinearity: 'silu' (the paper), or 'none', a linear memory "
+                                     "W2·W1·x, which with memory_reads 'attention_layer' is a LoRA on wo's input "
+                                     "(our extension, to measure what the nonlinearity costs)", choices=("silu", "none"))
     gate_fixed: float = option(0.0, "our extension: if above 0, there is no gate to learn and g is this constant "
                                     "for every token, in training and answering (to measure what learning the "
                                     "gate costs or buys; 0 = the paper's learned gate)")
@@ -138,9 +142,11 @@ class GatedMemory(nn.Module):
         """m(x). x: what the memory reads, (B, T, H, D): the heads' queries (the paper), or their
         attention outputs with memory_reads 'attention…' (forward passes the right one) -> (B, T, H, D)."""
         if self.cfg.memory_reads in ("layer", "attention_layer"):   # every head reads all H heads, (B, T, H·D)
-            h = F.silu(torch.einsum("bti,hiw->bthw", x.flatten(2), self.mem_in))
+            h = torch.einsum("bti,hiw->bthw", x.flatten(2), self.mem_in)
         else:                                        # each head its own query (the paper) or attention
-            h = F.silu(torch.einsum("bthd,hdw->bthw", x, self.mem_in))      # (B, T, H, 2D)
+            h = torch.einsum("bthd,hdw->bthw", x, self.mem_in)              # (B, T, H, 2D)
+        if self.cfg.memory_act == "silu":            # else linear: m = W2·W1·x
+            h = F.silu(h)
         return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

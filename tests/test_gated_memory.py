@@ -254,6 +254,29 @@ def test_a_memory_reading_the_layers_attention_mixes_heads_as_lora_on_wo_does():
     assert abs(count["whole"] - count["own"]) / count["own"] < 0.1
 
 
+def test_a_linear_memory_is_one_low_rank_matrix_on_the_layers_attention():
+    """--memory-act none: m = W2·W1·x with no SiLU between, so sums and multiples of what it reads
+    pass through (the paper's SiLU memory does not), and with memory_reads 'attention_layer', add and
+    g = 1, the layer's heads change by one matrix of rank at most H·hidden applied to their attention:
+    a LoRA on wo's input."""
+    torch.manual_seed(0)
+    H, D = 4, 16
+    linear, silu = (gm.GatedMemory(H, D, gm.GatedMemoryConfig(memory_reads="attention_layer", memory_mix="add",
+                                                                gate_fixed=1.0, memory_act=act))
+                    for act in ("none", "silu"))
+    for mem in (linear, silu):
+        with torch.no_grad():
+            mem.mem_out.normal_(std=0.3)
+    q, a, b = (torch.randn(1, 5, H, D) for _ in range(3))
+    assert torch.allclose(linear.memory(a + 2 * b), linear.memory(a) + 2 * linear.memory(b), atol=1e-5)
+    assert not torch.allclose(silu.memory(a + 2 * b), silu.memory(a) + 2 * silu.memory(b), atol=1e-3)
+    with torch.no_grad():
+        M = linear.memory(torch.eye(H * D).view(H * D, 1, H, D)).reshape(H * D, H * D)   # row i: m(e_i)
+        assert torch.allclose(linear(q, a).flatten(2), a.flatten(2) + a.flatten(2) @ M, atol=1e-5)
+    hidden = linear.mem_in.shape[2]
+    assert H * hidden < H * D and torch.linalg.matrix_rank(M) <= H * hidden
+
+
 def test_a_fixed_gate_has_no_weights_holds_every_token_at_its_value_and_trains_and_reloads(tmp_path):
     """--gate-fixed c: no gate MLP (fewer weights, nothing of it to train or save); g = c for every
     token, so with memory_mix 'add' a head's output is attn + c·m; the memory still trains, the file
