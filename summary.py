@@ -185,31 +185,53 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     return text
 
 
+def context_effect(rs: list[dict]) -> tuple[int, int, int] | None:
+    """Outside the budget, what the document's opening in context does to what the adapter recalls
+    from its parameters: of the questions LIFT alone answers, how many LIFT+ICL still answers (kept)
+    and how many it loses; and how many LIFT+ICL answers that LIFT alone does not (gained). None if
+    the run did not answer both modes."""
+    hits: dict = {}
+    for r in rs:
+        if r["mode"] in ("lift", "lift+icl") and r.get("in_budget") is False:
+            hits.setdefault((r.get("doc"), r["question"], r["adapter"]), {})[r["mode"]] = bool(r["contains"])
+    pairs = [(h["lift"], h["lift+icl"]) for h in hits.values() if len(h) == 2]
+    if not pairs:
+        return None
+    return (sum(a and b for a, b in pairs), sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs))
+
+
 def runs_table(runs: dict[str, list[dict]], absorbed: dict[str, list[dict]]) -> list[str]:
     """Markdown lines: one row per finished run (its records and absorb lines), answered/asked outside
-    · inside the budget by mode, the gate on document questions over general ones, how often the
-    general questions get the base's reply, and the sums over the runs: whether a result holds over
-    seeds, not on one."""
+    · inside the budget by mode, what the document in context does to LIFT's answers (context_effect),
+    the gate on document questions over general ones, how often the general questions get the base's
+    reply, and the sums over the runs: whether a result holds over seeds, not on one."""
     modes = list(dict.fromkeys(label(r) for rs in runs.values() for r in rs))
     count = lambda rs, inside: (sum(bool(r["contains"]) for r in rs if r.get("in_budget") is inside),
                                 sum(r.get("in_budget") is inside for r in rs))
     cell = lambda o, i: f"{o[0]}/{o[1]} · {i[0]}/{i[1]}"
-    lines = ["", "Over the runs: answered/asked, outside · inside the budget", "",
-             "| run | " + " | ".join(modes) + " | gate, document / general | general replies the base's, lift / lift+icl |",
-             "|---|" + "---:|" * (len(modes) + 2)]
+    effect = lambda e: "–" if e is None else f"{e[0]} · {e[1]} · {e[2]}"
+    lines = ["", "Over the runs: answered/asked, outside · inside the budget; and outside, LIFT alone's right "
+                 "answers kept · lost with the document's opening in context (LIFT+ICL), and answers gained", "",
+             "| run | " + " | ".join(modes) + " | lift → lift+icl: kept · lost · gained "
+             "| gate, document / general | general replies the base's, lift / lift+icl |",
+             "|---|" + "---:|" * (len(modes) + 3)]
     total = {m: [0, 0, 0, 0] for m in modes}
+    moved = None
     for name, rs in runs.items():
         cells = []
         for m in modes:
             o, i = count([r for r in rs if label(r) == m], False), count([r for r in rs if label(r) == m], True)
             total[m] = [a + b for a, b in zip(total[m], o + i)]
             cells.append(cell(o, i))
+        e = context_effect(rs)
+        if e is not None:
+            moved = e if moved is None else tuple(a + b for a, b in zip(moved, e))
         ours = absorbed.get(name, [])
         gates = ", ".join(f"{a['gate_document'] / a['gate_general']:.2f}×" for a in ours if a.get("gate_general"))
         same = ", ".join(f"{a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f}"
                          for a in ours if "general_same_lift" in a)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates or '–'} | {same or '–'} |")
-    lines.append("| **all** | " + " | ".join(cell(t[:2], t[2:]) for t in total.values()) + " | | |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {effect(e)} | {gates or '–'} | {same or '–'} |")
+    lines.append("| **all** | " + " | ".join(cell(t[:2], t[2:]) for t in total.values()) + f" | {effect(moved)} | | |")
     return lines
 
 

@@ -393,14 +393,24 @@ def test_the_studied_probe_and_the_routed_mode_ask_study_questions_in_place_of_t
 
 def test_runs_table_puts_runs_side_by_side_and_sums_them():
     from summary import runs_table
-    rec = lambda mode, inside, hit: {"mode": mode, "adapter": "gated_memory" if mode != "icl" else "none",
-                                     "contains": hit, "in_budget": inside}
+    rec = lambda mode, inside, hit, q="q": {"mode": mode, "adapter": "gated_memory" if mode != "icl" else "none",
+                                            "contains": hit, "in_budget": inside, "question": q, "doc": "d"}
     runs = {"seed1": [rec("icl", False, True), rec("lift+icl", False, True), rec("lift+icl", False, True),
                       rec("lift+icl", True, False)],
             "seed2": [rec("icl", False, False), rec("lift+icl", False, False), rec("lift+icl", True, True)]}
     absorbed = {"seed1": [{"gate_document": 0.06, "gate_general": 0.02, "general_same_lift": 1.0,
                            "general_same_lift+icl": 0.98}]}
     lines = runs_table(runs, absorbed)
-    assert "| seed1 | 1/1 · 0/0 | 2/2 · 0/1 | 3.00× | 1.00 / 0.98 |" in lines
-    assert "| seed2 | 0/1 · 0/0 | 0/1 · 1/1 | – | – |" in lines       # nothing absorbed recorded: no gate
-    assert "| **all** | 1/2 · 0/0 | 2/3 · 1/2 | | |" in lines
+    assert "| seed1 | 1/1 · 0/0 | 2/2 · 0/1 | – | 3.00× | 1.00 / 0.98 |" in lines   # no lift: no context effect
+    assert "| seed2 | 0/1 · 0/0 | 0/1 · 1/1 | – | – | – |" in lines       # nothing absorbed recorded: no gate
+    assert "| **all** | 1/2 · 0/0 | 2/3 · 1/2 | – | | |" in lines
+    # outside the budget, question by question: LIFT alone right and LIFT+ICL right (kept), right and
+    # wrong (lost), wrong and right (gained); inside the budget does not count
+    both = {"s": [rec("lift", False, True, "a"), rec("lift+icl", False, True, "a"),
+                  rec("lift", False, True, "b"), rec("lift+icl", False, False, "b"),
+                  rec("lift", False, True, "c"), rec("lift+icl", False, False, "c"),
+                  rec("lift", False, False, "d"), rec("lift+icl", False, True, "d"),
+                  rec("lift", True, True, "e"), rec("lift+icl", True, False, "e")]}
+    lines = runs_table(both, {})
+    assert "| s | 3/4 · 1/1 | 2/4 · 0/1 | 1 · 2 · 1 | – | – |" in lines
+    assert "| **all** | 3/4 · 1/1 | 2/4 · 0/1 | 1 · 2 · 1 | | |" in lines
