@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,17 +38,21 @@ def answer_logprob(model, prompt: list[int], answer: list[int], dtype: str) -> f
     return F.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).mean().item()
 
 
-def gains(model, tok, questions: list[dict], documents: dict[str, list[int]], context: int, dtype: str) -> list[dict]:
-    """Per question: the answer's log-probability under base and adapter, in lift and lift+icl."""
-    kind, rows = attached(model), []
+def gains(model, tok, questions: list[dict], documents: dict[str, list[int]], context: int, dtype: str,
+          base: dict | None = None) -> list[dict]:
+    """Per question: the answer's log-probability under base and adapter, in lift and lift+icl.
+    `base`, if given, keeps the base model's figures across calls: they are the same for every adapter."""
+    kind, rows, base = attached(model), [], {} if base is None else base
     for q in questions:
         answer = tok.encode(q["answers"][0])
         row = {"question": q["question"], "in_budget": q["in_budget"]}
         for mode in ("lift", "lift+icl"):
             prompt = answer_prompt(tok, q["question"], documents[q["doc"]], mode, context)
-            for who, off in (("base", True), ("adapter", False)):
-                with kind.disabled(model) if off else nullcontext():
-                    row[f"{who} {mode}"] = answer_logprob(model, prompt, answer, dtype)
+            if (q["doc"], q["question"], mode) not in base:
+                with kind.disabled(model):
+                    base[q["doc"], q["question"], mode] = answer_logprob(model, prompt, answer, dtype)
+            row[f"base {mode}"] = base[q["doc"], q["question"], mode]
+            row[f"adapter {mode}"] = answer_logprob(model, prompt, answer, dtype)
             row[f"gain {mode}"] = row[f"adapter {mode}"] - row[f"base {mode}"]
         rows.append(row)
     return rows
@@ -95,10 +98,10 @@ def main(argv=None) -> int:
         documents = {d["id"]: tok.encode(d["document"]) for d in read_benchmark(args.bench)}
         print("| adapter | evidence | gain, lift | gain, lift+icl | smaller with the opening | base log-prob, lift / lift+icl |\n"
               "|---|---|---:|---:|---:|---:|")
-        everything = {}
+        everything, base = {}, {}
         for path in args.adapters:
             load_adapter_file(model, path)
-            everything[path] = rows = gains(model, tok, questions, documents, args.context, dtype)
+            everything[path] = rows = gains(model, tok, questions, documents, args.context, dtype, base)
             print(report(Path(path).stem, rows), flush=True)
         if args.out:
             tmp = Path(args.out + ".tmp")

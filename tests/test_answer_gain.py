@@ -37,6 +37,9 @@ def test_a_fresh_lora_gains_nothing_and_a_trained_one_moves_the_answer_in_both_m
     moved = gains(model, tok, qs, doc, context=32, dtype="float32")[0]
     assert moved["gain lift"] != 0.0 and moved["gain lift+icl"] != 0.0
     assert moved["base lift"] == fresh["base lift"]               # the base is read with the adapter off
+    shared = {}                                                   # the base's figures kept across adapters
+    assert gains(model, tok, qs, doc, context=32, dtype="float32", base=shared)[0] == moved and len(shared) == 2
+    assert gains(model, tok, qs, doc, context=32, dtype="float32", base=shared)[0] == moved
 
 
 def test_the_command_reads_a_run_folder_and_writes_every_question(tiny_dir, tmp_path, capsys):
