@@ -22,7 +22,9 @@ same weight count, to measure how much the narrow 64-wide input slows storing
 more). `memory_reads="attention"` gives each head's memory what attention gathered for that head
 (its output, D wide, the same weights) instead of its query; `"attention_layer"` the attention
 outputs of all the layer's heads, H·D wide, the whole input LoRA on wo reads.
-`memory_act="none"` drops the SiLU, so the memory is linear, W2·W1·x.
+`memory_act="none"` drops the SiLU, so the memory is linear, W2·W1·x. `memory_scale=s` multiplies m
+by s, as LoRA multiplies its update by alpha/rank: Adam moves each weight by about lr a step whatever
+its gradient's size, so at one lr a memory scaled by 2 moves its output twice as far.
 `gate_fixed=c` removes the gate: g is the constant c for every token, so that a run measures what
 learning the gate costs (with memory_mix "add" and c = 1, each head adds m to its attention).
 
@@ -71,6 +73,9 @@ class GatedMemoryConfig:
     memory_act: str = option("silu", "the memory's nonlinearity: 'silu' (the paper), or 'none', a linear memory "
                                      "W2·W1·x, which with memory_reads 'attention_layer' is a LoRA on wo's input "
                                      "(our extension, to measure what the nonlinearity costs)", choices=("silu", "none"))
+    memory_scale: float = option(1.0, "our extension: the memory's output is multiplied by this, as LoRA's update by "
+                                      "alpha/rank (2 in every LoRA run here), so that at one lr Adam moves the memory's "
+                                      "output as far as LoRA's (1 = the paper)")
     gate_fixed: float = option(0.0, "our extension: if above 0, there is no gate to learn and g is this constant "
                                     "for every token, in training and answering (to measure what learning the "
                                     "gate costs or buys; 0 = the paper's learned gate)")
@@ -82,6 +87,8 @@ class GatedMemoryConfig:
         if not 0 <= self.gate_floor < fresh:
             raise ConfigError(f"--gate-floor {self.gate_floor}: must be at least 0 and below the fresh gate "
                               f"{fresh:.4f}, or every gate starts shut and none ever gets a gradient")
+        if not self.memory_scale > 0:
+            raise ConfigError(f"--memory-scale {self.memory_scale}: must be above 0, or the memory never learns")
         if not 0 <= self.gate_fixed <= 1:
             raise ConfigError(f"--gate-fixed {self.gate_fixed}: a gate is a share, between 0 and 1 (0 = learned)")
 
@@ -147,7 +154,8 @@ class GatedMemory(nn.Module):
             h = torch.einsum("bthd,hdw->bthw", x, self.mem_in)              # (B, T, H, 2D)
         if self.cfg.memory_act == "silu":            # else linear: m = W2·W1·x
             h = F.silu(h)
-        return torch.einsum("bthw,hwd->bthd", h, self.mem_out)              # (B, T, H, D)
+        m = torch.einsum("bthw,hwd->bthd", h, self.mem_out)                 # (B, T, H, D)
+        return m * self.cfg.memory_scale if self.cfg.memory_scale != 1 else m
 
     def forward(self, q: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """q: queries before rotary embedding (B, T, H, D); attn: per-head attention outputs

@@ -277,6 +277,31 @@ def test_a_linear_memory_is_one_low_rank_matrix_on_the_layers_attention():
     assert H * hidden < H * D and torch.linalg.matrix_rank(M) <= H * hidden
 
 
+def test_a_scaled_memory_outputs_s_times_as_much_and_adam_moves_it_s_times_as_far():
+    """--memory-scale s multiplies m by s, as LoRA multiplies its update by alpha/rank. Adam's first
+    step moves each weight by lr in the direction of its gradient's sign, whatever the gradient's
+    size, so from the same weights and one step on the same loss, the scaled memory's output is
+    still exactly s times the unscaled one's: at one lr, its output moves s times as far."""
+    torch.manual_seed(0)
+    q, a, target = (torch.randn(2, 5, 4, 16) for _ in range(3))
+    mems = [gm.GatedMemory(4, 16, gm.GatedMemoryConfig(gate_fixed=1.0, memory_mix="add", memory_scale=s))
+            for s in (1.0, 2.0)]
+    mems[1].load_state_dict(mems[0].state_dict())
+    assert torch.allclose(mems[1].memory(q), 2 * mems[0].memory(q))
+    before = mems[0].memory(q).detach()
+    for mem in mems:
+        opt = torch.optim.Adam(mem.parameters(), lr=1e-2, eps=1e-12)
+        (mem(q, a) * target).sum().backward()            # the same pull on the output, for both
+        opt.step()
+    for name in ("mem_in", "mem_out"):                   # the same weights again
+        assert torch.allclose(getattr(mems[0], name), getattr(mems[1], name), rtol=0, atol=1e-7)
+    moved = mems[0].memory(q).detach() - before
+    assert moved.abs().max() > 1e-2
+    assert torch.allclose(mems[1].memory(q) - 2 * before, 2 * moved, atol=1e-5)
+    with pytest.raises(ConfigError, match="memory-scale"):
+        gm.GatedMemoryConfig(memory_scale=0.0)
+
+
 def test_a_fixed_gate_has_no_weights_holds_every_token_at_its_value_and_trains_and_reloads(tmp_path):
     """--gate-fixed c: no gate MLP (fewer weights, nothing of it to train or save); g = c for every
     token, so with memory_mix 'add' a head's output is attn + c·m; the memory still trains, the file
