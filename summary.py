@@ -9,7 +9,7 @@ from pathlib import Path
 
 import study
 import plots
-from benchmarks import normalize, read_benchmark
+from benchmarks import contains, normalize, read_benchmark
 from data import DataConfig
 
 
@@ -188,15 +188,20 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
 def context_effect(rs: list[dict]) -> tuple[int, int, int] | None:
     """Outside the budget, what the document's opening in context does to what the adapter recalls
     from its parameters: of the questions LIFT alone answers, how many LIFT+ICL still answers (kept)
-    and how many it loses; and how many LIFT+ICL answers that LIFT alone does not (gained). None if
-    the run did not answer both modes."""
+    and how many it loses; and how many LIFT+ICL answers that LIFT alone does not (gained). Only the
+    adapter's own replies count: not a question --switch answered with the adapter off (the base's
+    reply, or ICL's), and not one that holds its own reference answer, which a reply restating the
+    question gets right (Apache's "…so that it is not a Contribution?"). None if the run did not
+    answer both modes."""
     hits: dict = {}
     for r in rs:
+        own = (r.get("switch") or {}).get("adapter_used", True) and not contains(r["question"], r["answers"])
         if r["mode"] in ("lift", "lift+icl") and r.get("in_budget") is False:
-            hits.setdefault((r.get("doc"), r["question"], r["adapter"]), {})[r["mode"]] = bool(r["contains"])
-    pairs = [(h["lift"], h["lift+icl"]) for h in hits.values() if len(h) == 2]
-    if not pairs:
+            hits.setdefault((r.get("doc"), r["question"], r["adapter"]), {})[r["mode"]] = bool(r["contains"]) if own else None
+    both = [h for h in hits.values() if len(h) == 2]
+    if not both:
         return None
+    pairs = [(h["lift"], h["lift+icl"]) for h in both if None not in h.values()]
     return (sum(a and b for a, b in pairs), sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs))
 
 
@@ -211,7 +216,8 @@ def runs_table(runs: dict[str, list[dict]], absorbed: dict[str, list[dict]]) -> 
     cell = lambda o, i: f"{o[0]}/{o[1]} · {i[0]}/{i[1]}"
     effect = lambda e: "–" if e is None else f"{e[0]} · {e[1]} · {e[2]}"
     lines = ["", "Over the runs: answered/asked, outside · inside the budget; and outside, LIFT alone's right "
-                 "answers kept · lost with the document's opening in context (LIFT+ICL), and answers gained", "",
+                 "answers kept · lost with the document's opening in context (LIFT+ICL), and answers gained (the adapter's "
+                 "own replies, not a question that holds its answer)", "",
              "| run | " + " | ".join(modes) + " | lift → lift+icl: kept · lost · gained "
              "| gate, document / general | general replies the base's, lift / lift+icl |",
              "|---|" + "---:|" * (len(modes) + 3)]

@@ -393,8 +393,9 @@ def test_the_studied_probe_and_the_routed_mode_ask_study_questions_in_place_of_t
 
 def test_runs_table_puts_runs_side_by_side_and_sums_them():
     from summary import runs_table
-    rec = lambda mode, inside, hit, q="q": {"mode": mode, "adapter": "gated_memory" if mode != "icl" else "none",
-                                            "contains": hit, "in_budget": inside, "question": q, "doc": "d"}
+    rec = lambda mode, inside, hit, q="q", **kw: {"mode": mode, "adapter": "gated_memory" if mode != "icl" else "none",
+                                                  "contains": hit, "in_budget": inside, "question": q, "doc": "d",
+                                                  "answers": ["x"], **kw}
     runs = {"seed1": [rec("icl", False, True), rec("lift+icl", False, True), rec("lift+icl", False, True),
                       rec("lift+icl", True, False)],
             "seed2": [rec("icl", False, False), rec("lift+icl", False, False), rec("lift+icl", True, True)]}
@@ -414,3 +415,10 @@ def test_runs_table_puts_runs_side_by_side_and_sums_them():
     lines = runs_table(both, {})
     assert "| s | 3/4 · 1/1 | 2/4 · 0/1 | 1 · 2 · 1 | – | – |" in lines
     assert "| **all** | 3/4 · 1/1 | 2/4 · 0/1 | 1 · 2 · 1 | | |" in lines
+    # only the adapter's own replies count: not where --switch answered with the adapter off, nor a
+    # question that holds its own answer (a reply restating it scores)
+    off, on = {"switch": {"adapter_used": False}}, {"switch": {"adapter_used": True}}
+    both["s"] += [rec("lift", False, True, "f", **off), rec("lift+icl", False, False, "f", **on),
+                  rec("lift", False, True, "is it x", **on), rec("lift+icl", False, False, "is it x", **on),
+                  rec("lift", False, True, "g", **on), rec("lift+icl", False, False, "g", **on)]
+    assert "| s | 6/7 · 1/1 | 2/7 · 0/1 | 1 · 3 · 1 | – | – |" in runs_table(both, {})
