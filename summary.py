@@ -195,9 +195,10 @@ def context_effect(rs: list[dict]) -> tuple[int, int, int] | None:
     answer both modes."""
     hits: dict = {}
     for r in rs:
+        if r["mode"] not in ("lift", "lift+icl") or r.get("in_budget") is not False:
+            continue
         own = (r.get("switch") or {}).get("adapter_used", True) and not contains(r["question"], r["answers"])
-        if r["mode"] in ("lift", "lift+icl") and r.get("in_budget") is False:
-            hits.setdefault((r.get("doc"), r["question"], r["adapter"]), {})[r["mode"]] = bool(r["contains"]) if own else None
+        hits.setdefault((r.get("doc"), r["question"], r["adapter"]), {})[r["mode"]] = bool(r["contains"]) if own else None
     both = [h for h in hits.values() if len(h) == 2]
     if not both:
         return None
