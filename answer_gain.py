@@ -27,6 +27,7 @@ from benchmarks import read_benchmark
 from compute import autocast, resolve_dtype
 from lift import answer_prompt
 from options import UserError
+from storage import write_json
 
 
 @torch.no_grad()
@@ -104,9 +105,7 @@ def main(argv=None) -> int:
             everything[path] = rows = gains(model, tok, questions, documents, args.context, dtype, base)
             print(report(Path(path).stem, rows), flush=True)
         if args.out:
-            tmp = Path(args.out + ".tmp")
-            tmp.write_text(json.dumps(everything, indent=1))
-            tmp.replace(args.out)                       # written whole, then renamed
+            write_json(Path(args.out), everything)     # written whole, then renamed
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
