@@ -136,7 +136,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
             t = time.perf_counter()
             res = absorb_cached(model, tok, doc["document"], data_cfg=data_cfg, train_cfg=train_cfg,
                                 adapter_cfg=adapter_config(adapter_kind, lora_rank, gm_cfg, lora_targets), qa=qa,
-                                init=init if adapter_kind == "gated_memory" else None, progress=True, on_step=trace)
+                                init=init if adapter_kind == "gated_memory" else None, on_step=trace)
             absorb_s = time.perf_counter() - t
             if trace is not None and trace.steps:
                 traced = trace.result()
