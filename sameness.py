@@ -35,9 +35,9 @@ import lift
 from adapters import attach_fresh, attached, load_adapter_file
 from checkpoint import load_model
 from compute import resolve_dtype
-from gates import mean_gates
+from gates import probe_means
 from options import UserError, add_options, from_args
-from switch import switch_decision
+from switch import question_span, switch_decision
 
 BASE_ANSWERS: dict = {}   # the base model's general answers, computed once per process (they do not change)
 
@@ -46,8 +46,8 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
                     path: Path, adapter: str, switch: bool = False) -> dict:
     """How often the adapted model answers questions unrelated to `doc` exactly as the base model
     does (lift against closed, lift+icl against icl, the same prompts) and how often rightly; for
-    Gated Memory also the mean gate on document questions against general ones (the paper expects
-    the first to be much higher). One record per question and mode is appended to `path`; with
+    Gated Memory also the mean gate, and the memory's share of each head's output (what the gate lets
+    through), on document questions against general ones (the paper expects the first to be much higher). One record per question and mode is appended to `path`; with
     switch (switch.py), whether the adapter answered, and how often it did."""
     ask = lambda q, m, s=False: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype,
                                             switch=s)
@@ -73,9 +73,10 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
     out = {f"general_same_{m}": sum(v) / len(v) for m, v in same.items()}
     out.update({f"general_adapter_used_{m}": sum(v) / len(v) for m, v in used.items() if v})
     out.update({f"general_contained_{m}": sum(v) / len(v) for m, v in right.items()})
-    if attached(model) is gated_memory:
-        mean = lambda qs: torch.stack([mean_gates(model, tok, q["question"], dtype).mean() for q in qs]).mean().item()
-        out.update(gate_document=mean(doc["questions"]), gate_general=mean(general))
+    if attached(model) is gated_memory:      # the gate, and what it lets through: the memory's share of the output
+        for name, qs in (("document", doc["questions"]), ("general", general)):
+            gate, share = probe_means(model, [question_span(tok, q["question"]) for q in qs], dtype)
+            out[f"gate_{name}"], out[f"share_{name}"] = sum(gate) / len(gate), sum(share) / len(share)
     print(json.dumps({"doc": doc["id"], "adapter": adapter, **out}), file=sys.stderr)
     return out
 

@@ -173,11 +173,13 @@ def write_summary(records: list[dict], out: Path, settings: dict, reached: dict 
     absorbed = [json.loads(l) for l in (out / "absorb.jsonl").open()] if (out / "absorb.jsonl").exists() else []
     if any("general_same_lift" in a for a in absorbed):
         lines += ["", "| adapter | doc | same answer as base: lift / lift+icl | general contained: lift / lift+icl "
-                      "| mean gate: document questions / general |", "|---|---|---:|---:|---:|"]
+                      "| mean gate: document questions / general | memory's share of the output: document / general |",
+                  "|---|---|---:|---:|---:|---:|"]
+        pair = lambda a, k: f"{a[k + '_document']:.3f} / {a[k + '_general']:.3f}" if k + "_document" in a else "–"
         for a in (a for a in absorbed if "general_same_lift" in a):
-            gate = f"{a['gate_document']:.3f} / {a['gate_general']:.3f}" if "gate_document" in a else "–"
             lines.append(f"| {a['adapter']} | {a['doc']} | {a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f} "
-                         f"| {a['general_contained_lift']:.2f} / {a['general_contained_lift+icl']:.2f} | {gate} |")
+                         f"| {a['general_contained_lift']:.2f} / {a['general_contained_lift+icl']:.2f} "
+                         f"| {pair(a, 'gate')} | {pair(a, 'share')} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
@@ -234,7 +236,9 @@ def runs_table(runs: dict[str, list[dict]], absorbed: dict[str, list[dict]]) -> 
         if e is not None:
             moved = e if moved is None else tuple(a + b for a, b in zip(moved, e))
         ours = absorbed.get(name, [])
-        gates = ", ".join(f"{a['gate_document'] / a['gate_general']:.2f}×" for a in ours if a.get("gate_general"))
+        gates = ", ".join(f"{a['gate_document'] / a['gate_general']:.2f}×"
+                          + (f" (share {a['share_document'] / a['share_general']:.2f}×)" if a.get("share_general") else "")
+                          for a in ours if a.get("gate_general"))
         same = ", ".join(f"{a['general_same_lift']:.2f} / {a['general_same_lift+icl']:.2f}"
                          for a in ours if "general_same_lift" in a)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {effect(e)} | {gates or '–'} | {same or '–'} |")

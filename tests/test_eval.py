@@ -405,6 +405,8 @@ def test_runs_table_puts_runs_side_by_side_and_sums_them():
     assert "| seed1 | 1/1 · 0/0 | 2/2 · 0/1 | – | 3.00× | 1.00 / 0.98 |" in lines   # no lift: no context effect
     assert "| seed2 | 0/1 · 0/0 | 0/1 · 1/1 | – | – | – |" in lines       # nothing absorbed recorded: no gate
     assert "| **all** | 1/2 · 0/0 | 2/3 · 1/2 | – | | |" in lines
+    absorbed["seed1"][0].update(share_document=0.3, share_general=0.2)       # what the gate lets through
+    assert "| seed1 | 1/1 · 0/0 | 2/2 · 0/1 | – | 3.00× (share 1.50×) | 1.00 / 0.98 |" in runs_table(runs, absorbed)
     # outside the budget, question by question: LIFT alone right and LIFT+ICL right (kept), right and
     # wrong (lost), wrong and right (gained); inside the budget does not count
     both = {"s": [rec("lift", False, True, "a"), rec("lift+icl", False, True, "a"),

@@ -77,3 +77,17 @@ def test_with_the_switch_a_question_that_opens_no_gate_gets_the_base_reply(tiny_
     assert out["general_same_lift+icl"] < 1.0 and out["general_adapter_used_lift+icl"] == 1.0   # 1 > 0.5: opens
     records = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert all(r["switch"]["adapter_used"] == (r["mode"] == "lift+icl") for r in records)
+
+
+def test_the_memorys_share_is_nothing_with_the_gate_shut_and_grows_as_it_opens(tiny_dir, tmp_path):
+    """general_ability reports what the gate lets through, not only the gate: the memory's share of
+    each head's output on the document's questions and on general ones."""
+    model, tok = load_model(str(tiny_dir))
+    gm.attach(model, gm.GatedMemoryConfig(), seed=0)
+    with torch.no_grad():
+        for a in gm.adapters(model):
+            a.mem_out.normal_(0, 0.1)                          # a memory that writes something
+    shares = {g: measure(model, tok, tmp_path, g) for g in (0.0, 0.1, 0.5)}
+    assert shares[0.0]["share_document"] == shares[0.0]["share_general"] == 0.0
+    assert 0 < shares[0.1]["share_general"] < shares[0.5]["share_general"] <= 1
+    assert shares[0.5]["gate_document"] == shares[0.5]["gate_general"] == 0.5
