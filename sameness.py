@@ -46,9 +46,10 @@ def general_ability(model, tok, doc: dict, ids: list[int], general: list[dict], 
                     path: Path, adapter: str, switch: bool = False) -> dict:
     """How often the adapted model answers questions unrelated to `doc` exactly as the base model
     does (lift against closed, lift+icl against icl, the same prompts) and how often rightly; for
-    Gated Memory also the mean gate, and the memory's share of each head's output (what the gate lets
-    through), on document questions against general ones (the paper expects the first to be much higher). One record per question and mode is appended to `path`; with
-    switch (switch.py), whether the adapter answered, and how often it did."""
+    Gated Memory also the mean gate, and the memory's share of each head's output (what the gate
+    lets through), on document questions against general ones (the paper expects the first to be
+    much higher). One record per question and mode is appended to `path`; with switch (switch.py),
+    whether the adapter answered, and how often it did."""
     ask = lambda q, m, s=False: lift.answer(model, tok, q, ids, mode=m, context=context, max_new_tokens=24, dtype=dtype,
                                             switch=s)
 
