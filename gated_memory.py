@@ -136,7 +136,7 @@ class GatedMemory(nn.Module):
         # Answering with --switch (switch.py): thresholds read once, and the last question's decision.
         self.switch_thresholds: dict = {}
         self.switch_last: Optional[dict] = None
-        # Training, not diagnostics: a list here collects every g (with its gradient) for a penalty.
+        # Training, not diagnostics: gates_collected puts a list here that gathers every g (with its gradient).
         self.gate_log: Optional[list[torch.Tensor]] = None
 
     def gate(self, q: torch.Tensor) -> torch.Tensor:
@@ -212,6 +212,21 @@ def attach(model: Transformer, cfg: GatedMemoryConfig, seed: Optional[int] = Non
 
 def adapters(model: Transformer) -> list[GatedMemory]:
     return [l.attention.head_adapter for l in model.layers if l.attention.head_adapter is not None]
+
+
+@contextmanager
+def gates_collected(model: Transformer, on: bool = True):
+    """Yields a list that gathers every gate g the memories compute inside the block, with its
+    gradient: (B, T, H, 1) per layer and forward pass, in order. Empty if `on` is false or no
+    Gated Memory is attached. For training terms on the gate (anchor.py, lift.batch_loss)."""
+    log, memories = [], adapters(model) if on else []
+    for m in memories:
+        m.gate_log = log
+    try:
+        yield log
+    finally:
+        for m in memories:
+            m.gate_log = None
 
 
 def remove(model: Transformer) -> None:

@@ -4,7 +4,8 @@
     answer(model, tok, question, doc) icl | lift | lift+icl (§3, "LIFT+ICL" is what the paper reports)
 
 METHOD.md (in this repository) explains the method with the paper's equations and settings; data.py
-builds the training examples, gated_memory.py is the adapter. Storing adapters on disk so that a
+builds the training examples, gated_memory.py is the adapter, anchor.py our extension's terms that
+keep the adapted model the base away from the document. Storing adapters on disk so that a
 second question costs no training is plumbing around the method: it lives in cache.py.
 
 The loop is plain on purpose: `batch` examples per forward pass (1, as released, by default),
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 import gated_memory
 import resume
+from anchor import anchor_loss, document_gate_term
 from adapters import attach_fresh, attached, load_adapter_file
 from compute import SharedPrefix, autocast, bucketed, compiled_blocks, head_loss
 from data import (IGNORE, DataConfig, Example, batches, build_epochs, question_messages, shared_prompt, truncate_middle,
@@ -62,6 +64,9 @@ class TrainConfig:
                                   "for speed: each anchor costs ~40%% of a window's step)")
     gate_penalty: float = option(0.0, "weight of the mean gate g on the anchor's text (our extension; needs "
                                       "--anchor > 0, Gated Memory only): asks the gate itself to stay shut there")
+    gate_open: float = option(0.0, "weight of −log(mean gate g) on the document's own tokens (our extension, "
+                                   "Gated Memory only; anchor.py): asks the gate to open there, so that it cannot "
+                                   "shut alike on every input")
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
     compile: bool = option(False, "torch.compile the model's blocks (needs a C++ compiler; ~20-30 s to compile): "
@@ -80,6 +85,8 @@ class TrainConfig:
         if self.gate_penalty < 0 or (self.gate_penalty and not self.anchor):
             raise UserError(f"--gate-penalty {self.gate_penalty}: needs a non-negative weight and --anchor > 0 "
                             f"(the penalty applies to the anchor's unrelated text)")
+        if self.gate_open < 0:
+            raise UserError(f"--gate-open {self.gate_open}: the weight cannot be negative")
         if self.batch < 1:
             raise UserError(f"--batch {self.batch}: at least one example per batch")
         if self.qa_batch < 1:
@@ -91,13 +98,15 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- the loss
-def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.Tensor, int]:
+def batch_loss(model, examples: list[Example], cfg: TrainConfig,
+               gate_terms: Optional[list] = None) -> tuple[torch.Tensor, int]:
     """The loss summed over the labelled positions of a batch, and how many there are: next-token
     cross-entropy, or KL(teacher ‖ model) for distill.py's examples. Examples are right-padded
     (causal attention keeps padding away from real tokens). Position t predicts token t+1, so
     logits are computed only before a labelled token: all of a window, a QA example's answer.
     A prompt every example starts with (shared_prompt) runs once, not once per example
-    (compute.SharedPrefix); eager only: a compiled block would recompile for every layer's cache."""
+    (compute.SharedPrefix); eager only: a compiled block would recompile for every layer's cache.
+    gate_terms: with cfg.gate_open, anchor.document_gate_term over the batch is appended to it."""
     device = model.tok_embeddings.weight.device
     P = 0 if cfg.compile else shared_prompt(examples)
     T = bucketed(max(len(ex.input_ids) for ex in examples) - P, cfg.compile)   # the longest, or its bucket
@@ -111,8 +120,14 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
         if P:                       # the shared prompt, once: fills the cache, no logits needed
             model(torch.tensor([examples[0].input_ids[:P]], device=device), cache=cache,
                   grad_checkpoint=cfg.grad_checkpoint, head=False)
-        x = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
-                  logits_at=at, head=False)                                  # (N, C) final states, rows in (b, t) order
+        with gated_memory.gates_collected(model, on=cfg.gate_open > 0 and gate_terms is not None) as gates:
+            x = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
+                      logits_at=at, head=False)                              # (N, C) final states, rows in (b, t) order
+        if gates:                   # --gate-open: the document's own tokens (not padding, not distill's KL)
+            own = torch.tensor([[t < len(ex.input_ids) - P and ex.teacher is None for t in range(T)]
+                                for ex in examples], device=device)          # (B, T)
+            if (term := document_gate_term(gates, own)) is not None:
+                gate_terms.append(term)
         if all(ex.teacher is None for ex in examples):   # the usual case: cross-entropy, fp32 softmax over V
             return head_loss(model, x, hard), x.shape[0]
         loss, row = x.new_zeros((), dtype=torch.float32), 0
@@ -125,42 +140,6 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig) -> tuple[torch.
                 loss = loss + head_loss(model, x[row:row + n], lambda i, j, t=teacher: t[i:j].float())
             row += n
     return loss, x.shape[0]
-
-
-def anchor_loss(model, ex: Example, cfg: TrainConfig,
-                base_states: Optional[dict] = None) -> torch.Tensor:
-    """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
-    moves the next-token distribution where it should change nothing (our extension). With
-    cfg.gate_penalty, plus that weight times the mean gate g over the example's tokens, every
-    layer and head: the gate itself is asked to stay shut there (Gated Memory only). The anchor
-    runs without checkpointing: it is short, and the gates collected must keep their gradient.
-    base_states: a dict kept for a run, where the frozen base's final states for each example are
-    stored on first use: the base never changes, so its pass is not run again (exact)."""
-    device = model.tok_embeddings.weight.device
-    T = len(ex.input_ids)
-    pad = [0] * (bucketed(T, cfg.compile) - T)                               # causal: padding after T changes nothing
-    ids = torch.tensor([ex.input_ids + pad], device=device)                 # (1, T + padding)
-    base = None if base_states is None else base_states.get(id(ex))
-    if base is None:
-        with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
-            base = model(ids, head=False)[0, :T]                            # (T, C), the frozen base's final states
-        if base_states is not None:
-            base_states[id(ex)] = base
-
-    def base_logp(i: int, j: int) -> torch.Tensor:                          # (j − i, V), the teacher: the base
-        return F.linear(base[i:j], model.head_weight).float().log_softmax(-1)
-
-    memories = gated_memory.adapters(model) if cfg.gate_penalty else []
-    for m in memories:
-        m.gate_log = []
-    with autocast(device, cfg.dtype):
-        adapted = model(ids, head=False)[0, :T]                             # (T, C)
-        loss = head_loss(model, adapted, base_logp) / T                     # Σ p_base·(log p_base − log p_adapted) / T
-    if memories:
-        loss = loss + cfg.gate_penalty * torch.cat([g[:, :T].flatten() for m in memories for g in m.gate_log]).mean()
-        for m in memories:
-            m.gate_log = None
-    return loss
 
 
 def example_loss(model, ex: Example, cfg: TrainConfig) -> torch.Tensor:
@@ -178,7 +157,8 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
     batches. A step's loss is the mean over all its labelled tokens, so each example weighs by
     its share of them, as in the released code (Hugging Face Trainer). With cfg.anchor > 0 each
     batch (or every cfg.anchor_every-th, weighted that many times) is followed by one of `anchors`
-    (in turn) and cfg.anchor · KL(base ‖ adapted) on it. resume_file: the run's state is saved
+    (in turn) and cfg.anchor · KL(base ‖ adapted) on it; with cfg.gate_open, that weight times
+    −log of the mean gate on each batch's document tokens is added too (both: anchor.py). resume_file: the run's state is saved
     there after every epoch, and a run saved there before goes on from its last epoch (resume.py).
     on_step(n) is called after the n-th optimizer step (diagnostics, e.g. gates.GateTrace)."""
     device = model.tok_embeddings.weight.device
@@ -202,8 +182,9 @@ def train_adapter(model, plan: list[list[Example]], cfg: TrainConfig, progress: 
                 step = groups[s:s + per_step]
                 labelled = sum(l != IGNORE for b in step for ex in b for l in ex.labels[1:])
                 for batch in step:
-                    loss, n = batch_loss(model, batch, cfg)
-                    (loss / labelled).backward()               # gradients add up across the step
+                    opened = []                                # --gate-open's term, if any (anchor.py)
+                    loss, n = batch_loss(model, batch, cfg, opened)
+                    (loss / labelled + sum(cfg.gate_open * t / len(step) for t in opened)).backward()
                     if cfg.anchor and anchors and run.batches % cfg.anchor_every == 0:
                         kl = anchor_loss(model, anchors[run.anchors % len(anchors)], cfg, base_states)
                         (cfg.anchor * cfg.anchor_every * kl / len(step)).backward()

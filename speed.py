@@ -28,10 +28,10 @@ import torch.nn.functional as F
 import cache
 import gated_memory
 import model as model_module
+from anchor import anchor_loss
 from compute import autocast, compiled_blocks
 from data import DataConfig, qa_example, read_document, truncate_middle, window_examples
-from lift import TrainConfig, anchor_loss, batch_loss
-from model import generate
+from lift import TrainConfig, batch_loss
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 2, trials: int = 3) -> float:
@@ -342,7 +342,7 @@ def bench(model_name: str | None, dtype: str, lengths: list[int], train_lengths:
         print(row)
     with autocast(dev, dtype):
         t = time.perf_counter()
-        out = generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)
+        out = model_module.generate(model, torch.randint(100, model.cfg.vocab_size, (64,)).tolist(), decode_tokens)
         s = time.perf_counter() - t
     print(f"| decode {len(out)} tokens after 64 | {len(out) / s:,.0f} | | |")
     print(f"matmul 2048^3 again, at the end: {matmul_rate(getattr(torch, dtype)) / 1e9:.1f} GFLOP/s (the fractions above "

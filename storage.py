@@ -192,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{REWORDED!r} is measured too")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="write the curve here (JSON), or the figure with --plot")
-    add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "dtype", "seed", "qa_batch"))
+    add_options(p, TrainConfig, only=("epochs", "lr", "anchor", "gate_penalty", "gate_open", "dtype", "seed", "qa_batch"))
     add_options(p, gated_memory.GatedMemoryConfig)
     p.set_defaults(epochs=20, anchor=0.0)
     return p

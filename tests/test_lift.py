@@ -319,7 +319,8 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
              settings_key(model, tok, data, replace(adapter, memory_act="none"), train, [], 0, None),
              settings_key(model, tok, data, replace(adapter, memory_scale=2.0), train, [], 0, None),
              settings_key(model, tok, data, replace(adapter, head_lora=2), train, [], 0, None)]
-    for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "qa_batch", "seed"):
+    for field in ("epochs", "lr", "beta1", "beta2", "eps", "weight_decay", "clip", "accumulate", "qa_batch", "seed",
+                  "gate_open"):
         value = getattr(train, field)
         keys.append(settings_key(model, tok, data, adapter, replace(train, **{field: value * 2 + 1}), [], 0, None))
     keys += [settings_key(model, tok, data, adapter, replace(train, dtype="bfloat16"), [], 0, None),

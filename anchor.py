@@ -1,0 +1,70 @@
+"""Our extension's training terms on the gate and away from the document (none is in the paper).
+
+    anchor_loss        KL(base ‖ adapted) on unrelated text (--anchor), plus the mean gate there
+                       (--gate-penalty): the adapted model should change nothing where the
+                       document does not help, and its gate should stay shut there
+    document_gate_term −log of the mean gate on the document's own tokens (--gate-open): the gate
+                       should open where the document is
+
+Why the last one. The penalty charges g on unrelated text, but a prediction only ever sees the
+product g · m. When the memory learns fast (a large --memory-scale), turning g down alike on every
+input and m up costs nothing, and the gate becomes a volume knob that does not choose
+(results/NOTEBOOK.md). −log of the document's mean gate grows as g falls there, by the same amount
+whatever g's scale, so a gate shut alike everywhere pays for it: the cheaper way is to open on
+the document and shut elsewhere.
+
+lift.train_adapter adds these to the loss of each batch; they are here so that lift.py keeps the
+paper's method and its loop.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import gated_memory
+from adapters import attached
+from compute import autocast, bucketed, head_loss
+from data import Example
+
+
+def anchor_loss(model, ex: Example, cfg, base_states: Optional[dict] = None) -> torch.Tensor:
+    """KL(base ‖ adapted), mean over the positions of an unrelated example: how far the adapter
+    moves the next-token distribution where it should change nothing. With cfg.gate_penalty, plus
+    that weight times the mean gate g over the example's tokens, every layer and head: the gate
+    itself is asked to stay shut there (Gated Memory only). The anchor runs without checkpointing:
+    it is short, and the gates collected must keep their gradient. cfg: a lift.TrainConfig.
+    base_states: a dict kept for a run, where the frozen base's final states for each example are
+    stored on first use: the base never changes, so its pass is not run again (exact)."""
+    device = model.tok_embeddings.weight.device
+    T = len(ex.input_ids)
+    pad = [0] * (bucketed(T, cfg.compile) - T)                               # causal: padding after T changes nothing
+    ids = torch.tensor([ex.input_ids + pad], device=device)                 # (1, T + padding)
+    base = None if base_states is None else base_states.get(id(ex))
+    if base is None:
+        with torch.no_grad(), attached(model).disabled(model), autocast(device, cfg.dtype):
+            base = model(ids, head=False)[0, :T]                            # (T, C), the frozen base's final states
+        if base_states is not None:
+            base_states[id(ex)] = base
+
+    def base_logp(i: int, j: int) -> torch.Tensor:                          # (j − i, V), the teacher: the base
+        return F.linear(base[i:j], model.head_weight).float().log_softmax(-1)
+
+    with gated_memory.gates_collected(model, on=cfg.gate_penalty > 0) as gates, autocast(device, cfg.dtype):
+        adapted = model(ids, head=False)[0, :T]                             # (T, C)
+        loss = head_loss(model, adapted, base_logp) / T                     # Σ p_base·(log p_base − log p_adapted) / T
+    if gates:
+        loss = loss + cfg.gate_penalty * torch.cat([g[:, :T].flatten() for g in gates]).mean()
+    return loss
+
+
+def document_gate_term(gates: list[torch.Tensor], own: torch.Tensor) -> Optional[torch.Tensor]:
+    """−log of the mean gate over the document's own tokens, every layer and head: 0 when every
+    gate there is open (g = 1), log 1/g when all are g. gates: gated_memory.gates_collected's list
+    for one forward pass, (B, T, H, 1) per layer; own: (B, T) True at the tokens that are the
+    document's (not padding, not an unrelated question's). None if there are none."""
+    if not gates or not own.any():
+        return None
+    g = torch.stack([x[..., 0] for x in gates])                             # (L, B, T, H)
+    return -g[:, own].float().mean().log()                                  # g[:, own]: (L, N, H)
