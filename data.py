@@ -224,7 +224,7 @@ def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int 
     general chat prompts, alternating; each prompt followed by the frozen base model's own reply
     (`replies`, one per prompt, from distill.base_replies), so that the positions where the model
     *answers* are anchored too, not only the question. Not in the paper: the KL anchor
-    (lift.anchor_loss) asks the adapted model to predict them exactly as the base model does,
+    (anchor.anchor_loss) asks the adapted model to predict them exactly as the base model does,
     which is what teaches the gate to stay shut where the document does not help.
     kind "anchor": every position counts, labels unused."""
     text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """What the adapter learns beyond the document's windows: our extensions to LIFT (METHOD.md §9).
 
 1. The anchor's replies (`base_replies`): the base model's own greedy reply to each general prompt
-   of the KL anchor (lift.anchor_loss), so that the adapter is asked to change nothing there.
+   of the KL anchor (anchor.anchor_loss), so that the adapter is asked to change nothing there.
 
 2. Self-study questions and the answer-time anchor (`distill_examples`, --distill N).
    LIFT's windows teach the adapter to continue the document's text, and the anchor teaches it to

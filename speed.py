@@ -209,7 +209,7 @@ def answering_attention(model, T: int, dtype: str, reps: int = 7) -> str:
 def default_loop_parts(model, tok, dtype: str, compile_too: bool = True, steps: int = 8, warmup: int = 4) -> list[str]:
     """Seconds per step of the default loop on the example document, by part: the window's forward
     and backward, the anchor's KL (the frozen base's forward, the adapted forward and backward on
-    an unrelated example, lift.anchor_loss), the clip and AdamW step; eager, then with
+    an unrelated example, anchor.anchor_loss), the clip and AdamW step; eager, then with
     --compile. The mean over `steps` steps after `warmup` (the compiler works in those)."""
     doc = tok.encode(read_document(str(Path(__file__).parent / "examples" / "orchard_chronicle.txt")))
     wins = window_examples(doc, DataConfig())[:warmup + steps]
