@@ -4,8 +4,8 @@
     answer(model, tok, question, doc) icl | lift | lift+icl (§3, "LIFT+ICL" is what the paper reports)
 
 METHOD.md (in this repository) explains the method with the paper's equations and settings; data.py
-builds the training examples, gated_memory.py is the adapter, anchor.py our extension's terms that
-keep the adapted model the base away from the document. Storing adapters on disk so that a
+builds the training examples, gated_memory.py is the adapter, anchor.py our extension's terms on
+unrelated text and on the gate. Storing adapters on disk so that a
 second question costs no training is plumbing around the method: it lives in cache.py.
 
 The loop is plain on purpose: `batch` examples per forward pass (1, as released, by default),
