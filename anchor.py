@@ -57,17 +57,22 @@ def anchor_loss(model, ex: Example, cfg, base_states: Optional[dict] = None) -> 
     with gated_memory.gates_collected(model, on=cfg.gate_penalty > 0) as gates, autocast(device, cfg.dtype):
         adapted = model(ids, head=False)[0, :T]                             # (T, C)
         loss = head_loss(model, adapted, base_logp) / T                     # Σ p_base·(log p_base − log p_adapted) / T
-    if gates:
-        loss = loss + cfg.gate_penalty * torch.cat([g[:, :T].flatten() for g in gates]).mean()
+    if gates:                                                               # the real tokens, not the padding
+        loss = loss + cfg.gate_penalty * mean_gate(gates, torch.arange(ids.shape[1], device=device)[None] < T)
     return loss
 
 
+def mean_gate(gates: list[torch.Tensor], own: torch.Tensor) -> torch.Tensor:
+    """The mean gate over the tokens marked in `own`, every layer and head. gates:
+    gated_memory.gates_collected's list for one forward pass, (B, T, H, 1) per layer; own: (B, T)."""
+    g = torch.stack([x[..., 0] for x in gates])                             # (L, B, T, H)
+    return g[:, own].float().mean()                                         # g[:, own]: (L, N, H)
+
+
 def document_gate_term(gates: list[torch.Tensor], own: torch.Tensor) -> Optional[torch.Tensor]:
-    """−log of the mean gate over the document's own tokens, every layer and head: 0 when every
-    gate there is open (g = 1), log 1/g when all are g. gates: gated_memory.gates_collected's list
-    for one forward pass, (B, T, H, 1) per layer; own: (B, T) True at the tokens that are the
-    document's (not padding, not an unrelated question's). None if there are none."""
+    """−log of the mean gate over the document's own tokens: 0 when every gate there is open
+    (g = 1), log 1/g when all are g. own: (B, T) True at the tokens that are the document's (not
+    padding, not an unrelated question's). None if there are none."""
     if not gates or not own.any():
         return None
-    g = torch.stack([x[..., 0] for x in gates])                             # (L, B, T, H)
-    return -g[:, own].float().mean().log()                                  # g[:, own]: (L, N, H)
+    return -mean_gate(gates, own).log()

@@ -124,8 +124,8 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig,
             x = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
                       logits_at=at, head=False)                              # (N, C) final states, rows in (b, t) order
         if gates:                   # --gate-open: the document's own tokens (not padding, not distill's KL)
-            own = torch.tensor([[t < len(ex.input_ids) - P and ex.teacher is None for t in range(T)]
-                                for ex in examples], device=device)          # (B, T)
+            own = torch.tensor([(len(ex.input_ids) - P) * (ex.teacher is None) for ex in examples], device=device)
+            own = torch.arange(T, device=device)[None] < own[:, None]         # (B, T): before each one's end
             if (term := document_gate_term(gates, own)) is not None:
                 gate_terms.append(term)
         if all(ex.teacher is None for ex in examples):   # the usual case: cross-entropy, fp32 softmax over V
