@@ -12,7 +12,7 @@ memory learns fast (a large --memory-scale) the gate falls alike on every input,
 or without it, and m grows to make up: a volume knob that does not choose (results/NOTEBOOK.md).
 −log of the document's mean gate grows by the same amount at every halving of g there, so a gate
 shut alike everywhere pays for it; in principle the cheaper way is to open on the document and
-shut elsewhere. Measured, it is not what happens: the gate opened on every input alike (1.11×)
+shut elsewhere. Measured once, it is not what happened: the gate opened on every input alike (1.11×)
 and the answers with the document in context broke (notebook, "A push to open the gate on the
 document"). Kept, off by default, as a measured negative result.
 
