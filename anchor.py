@@ -4,7 +4,8 @@
                        (--gate-penalty): the adapted model should change nothing where the
                        document does not help, and its gate should stay shut there
     document_gate_term −log of the mean gate on the document's own tokens (--gate-open): the gate
-                       should open where the document is
+                       should open where the document is; gate_open_span says which tokens count
+                       (--gate-open-on: all of the document's examples, or its questions' prompts)
 
 Why the last one. The first two push the gate down where the document is not; nothing rewards it
 for being open where the document is. A prediction only ever sees the product g · m, so when the
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 import gated_memory
 from adapters import attached
 from compute import autocast, bucketed, head_loss
-from data import Example
+from data import IGNORE, Example
 
 
 def anchor_loss(model, ex: Example, cfg, base_states: Optional[dict] = None) -> torch.Tensor:
@@ -67,6 +68,16 @@ def mean_gate(gates: list[torch.Tensor], own: torch.Tensor) -> torch.Tensor:
     gated_memory.gates_collected's list for one forward pass, (B, T, H, 1) per layer; own: (B, T)."""
     g = torch.stack([x[..., 0] for x in gates])                             # (L, B, T, H)
     return g[:, own].float().mean()                                         # g[:, own]: (L, N, H)
+
+
+def gate_open_span(ex: Example, on: str) -> int:
+    """How many of an example's first tokens --gate-open counts as the document's. on "document":
+    all of them, unless it is an unrelated (KL) example. on "questions": only the prompt of a
+    question asked without the document (distill's closed-book kind, LIFT alone's prompt), the
+    tokens a user's question is read in at answer time; windows and replies are left to the loss."""
+    if on == "questions":
+        return next(i for i, label in enumerate(ex.labels) if label != IGNORE) if ex.kind == "closed" else 0
+    return len(ex.input_ids) if ex.teacher is None else 0
 
 
 def document_gate_term(gates: list[torch.Tensor], own: torch.Tensor) -> Optional[torch.Tensor]:

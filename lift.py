@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import gated_memory
 import resume
-from anchor import anchor_loss, document_gate_term
+from anchor import anchor_loss, document_gate_term, gate_open_span
 from adapters import attach_fresh, attached, load_adapter_file
 from compute import SharedPrefix, autocast, bucketed, compiled_blocks, head_loss
 from data import (IGNORE, DataConfig, Example, batches, build_epochs, question_messages, shared_prompt, truncate_middle,
@@ -67,6 +67,8 @@ class TrainConfig:
     gate_open: float = option(0.0, "weight of −log(mean gate g) on the document's own tokens (our extension, "
                                    "Gated Memory only; anchor.py): asks the gate to open there, so that it cannot "
                                    "shut alike on every input")
+    gate_open_on: str = option("document", "where --gate-open counts: every token of the document's examples, or "
+                                            "only the prompts of its closed-book questions", choices=("document", "questions"))
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
     compile: bool = option(False, "torch.compile the model's blocks (needs a C++ compiler; ~20-30 s to compile): "
@@ -123,8 +125,8 @@ def batch_loss(model, examples: list[Example], cfg: TrainConfig,
         with gated_memory.gates_collected(model, on=cfg.gate_open > 0 and gate_terms is not None) as gates:
             x = model(ids, cache=cache, start_pos=P, grad_checkpoint=cfg.grad_checkpoint,
                       logits_at=at, head=False)                              # (N, C) final states, rows in (b, t) order
-        if gates:                   # --gate-open: the document's own tokens (not padding, not distill's KL)
-            own = torch.tensor([(len(ex.input_ids) - P) * (ex.teacher is None) for ex in examples], device=device)
+        if gates:                   # --gate-open: the tokens anchor.gate_open_span counts, not padding
+            own = torch.tensor([gate_open_span(ex, cfg.gate_open_on) - P for ex in examples], device=device)
             own = torch.arange(T, device=device)[None] < own[:, None]         # (B, T): before each one's end
             if (term := document_gate_term(gates, own)) is not None:
                 gate_terms.append(term)

@@ -1,6 +1,8 @@
 """--gate-open (anchor.document_gate_term): −log of the mean gate over the document's own tokens,
 padding and unrelated (KL) examples left out; its gradient opens the gate there, the same with
 checkpointing; and a LIFT run with it ends with the gate more open on the document."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -51,6 +53,29 @@ def test_the_term_is_minus_log_of_the_mean_gate_on_the_documents_own_tokens(tiny
     terms = []
     batch_loss(model, batch[2:], TrainConfig(dtype="float32", gate_open=1.0), terms)
     assert terms == []                                                      # an unrelated example alone: no term
+
+
+def test_on_questions_the_term_counts_only_the_prompts_of_closed_book_questions(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    lively(model)
+    batch = [replace(qa_example(tok, q, a, None), kind="closed") for q, a in
+             (("What came in the night?", "The frost."), ("How much?", "3,000 crowns"))]
+    P = shared_prompt(batch)
+    prompts = [next(i for i, label in enumerate(ex.labels) if label != IGNORE) for ex in batch]
+    assert all(0 < P < n < len(ex.input_ids) for n, ex in zip(prompts, batch))
+    terms = []
+    batch_loss(model, batch, TrainConfig(dtype="float32", gate_open=1.0, gate_open_on="questions"), terms)
+    gates = [recorded(model, ex.input_ids, "float32")[0] for ex in batch]     # (layers, T, H) each
+    questions = torch.cat([g[:, P:n].flatten() for g, n in zip(gates, prompts)])
+    assert len(terms) == 1 and terms[0].item() == pytest.approx(-questions.mean().log().item(), rel=1e-4)
+    whole = torch.cat([g[:, P:].flatten() for g in gates])
+    assert abs(questions.mean().log().item() - whole.mean().log().item()) > 1e-3   # the replies do not count
+    asked = qa_example(tok, "How much?", "3,000 crowns", TEXT[:150])         # a question after the document
+    window = Example(tok.encode(TEXT)[:40], tok.encode(TEXT)[:40], kind="window")
+    for others in ([asked], [window]):                                       # no closed-book question: no term
+        terms = []
+        batch_loss(model, others, TrainConfig(dtype="float32", gate_open=1.0, gate_open_on="questions"), terms)
+        assert terms == []
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
