@@ -268,11 +268,12 @@ def parser(argv=None) -> argparse.ArgumentParser:
     gt.add_argument("--doc", required=True)
     gt.add_argument("--question", required=True, help="a question about the document")
     gt.add_argument("--unrelated", default="What is the capital of France?")
-    gt.add_argument("--questions", default=None, help="JSONL of questions about the document: report their mean gate "
-                    "(and, with --distill, the self-study questions')")
-    gt.add_argument("--general", default=None, help="JSONL of unrelated questions: report their mean gate")
+    gt.add_argument("--questions", default=None, help="JSONL of questions about the document: their mean gate")
+    gt.add_argument("--general", default=None, help="JSONL of unrelated questions: their mean gate")
+    gt.add_argument("--texts", nargs="+", default=[], metavar="FILE", help="texts: the mean gate on their windows")
     gt.add_argument("--out", required=True)
     common(gt)
+    add_options(gt, GatedMemoryConfig)
     return p
 
 
@@ -326,9 +327,8 @@ def main(argv=None) -> int:
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))
         elif args.cmd == "gates":
             from gates import gates
-            groups = {name: [q["question"] for q in bm.read_questions(path)]
-                      for name, path in (("questions", args.questions), ("general", args.general)) if path}
-            gates(args.doc, args.question, args.unrelated, Path(args.out), args.model, data_cfg, train_cfg, groups)
+            gates(args.doc, args.question, args.unrelated, Path(args.out), args.model, data_cfg, train_cfg,
+                  {"questions": args.questions, "general": args.general}, from_args(GatedMemoryConfig, args), args.texts)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

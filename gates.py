@@ -3,6 +3,8 @@ a question about the document and of an unrelated question (arXiv 2502.14644 §3
 
     python eval.py gates --doc D --question Q --out runs/g     heatmaps and gates.json
     ... --questions Q.jsonl --general G.jsonl                   and each set's mean gate
+    ... --texts other.txt                                      and on windows of texts (the document's first)
+    ... --memory-scale 40 ...                                  an adapter trained with other Gated Memory settings
 
 The paper reads g as the share of attention a query would put on the absorbed document: high for
 queries the document answers, low elsewhere. This measures whether a trained adapter behaves so.
@@ -16,6 +18,7 @@ import torch
 
 import gated_memory
 import plots
+from benchmarks import read_questions
 from cache import absorb_cached
 from compute import autocast
 from data import read_document, truncate_middle
@@ -69,24 +72,34 @@ def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
     return recorded(model, ids, dtype)[0][:, first:last].mean(1)
 
 
+def text_windows(tok, text: str, window: int, count: int = 4) -> list[tuple[list[int], int, int]]:
+    """`count` windows of a text, evenly spaced from its start to its end, as probe inputs."""
+    ids = tok.encode(text)
+    starts = sorted({round(k * max(0, len(ids) - window) / max(1, count - 1)) for k in range(count)})
+    return [(ids[s:s + window], 0, len(ids[s:s + window])) for s in starts]
+
+
 def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, data_cfg, train_cfg,
-          groups: dict[str, list[str]] | None = None) -> dict:
+          question_files: dict[str, str | None] | None = None, gm_cfg=None, texts: list[str] = ()) -> dict:
     """Absorb the document (or load it from the cache), then map the gates for both questions.
-    `groups` (name -> questions) adds each group's mean gate and memory share, on the question alone
-    (LIFT's prompt) and after the truncated document (LIFT+ICL's); with --distill the adapter's own
-    self-study questions are one more group: does the gate open for the questions it was trained
-    on, for the user's questions about the same facts, or for neither?"""
+    question_files (name -> JSONL of questions) adds each group's mean gate and memory share, on the
+    question alone (LIFT's prompt) and after the truncated document (LIFT+ICL's); with --distill
+    the adapter's own self-study questions are one more group: does the gate open for the questions
+    it was trained on, for the user's questions about the same facts, or for neither? texts: the
+    same on windows of each text, the document's own first: does the gate know the document's text
+    from another text? gm_cfg: the adapter's settings (default: the paper's)."""
     from checkpoint import load_model
     from study import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
     text = read_document(doc_path)
-    absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gated_memory.GatedMemoryConfig(), train_cfg=train_cfg)
+    absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gm_cfg or gated_memory.GatedMemoryConfig(),
+                  train_cfg=train_cfg)
     maps = {name: mean_gates(model, tok, q, train_cfg.dtype)
             for name, q in (("about the document", question), ("unrelated", unrelated))}
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_gates(maps, out)
     summary = {k: round(v.mean().item(), 4) for k, v in maps.items()}
-    groups = dict(groups or {})
+    groups = {name: [q["question"] for q in read_questions(path)] for name, path in (question_files or {}).items() if path}
     if groups and data_cfg.distill:
         groups["self-study questions"] = [q for q, _, _ in study_pairs(text, data_cfg)]
     context = truncate_middle(tok.encode(text), data_cfg.context, tok)     # what LIFT+ICL puts before the question
@@ -96,6 +109,9 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
             gate, share = probe_means(model, [question_span(tok, q, ctx) for q in qs], train_cfg.dtype)
             entry[f"gate{where}"] = round(sum(gate) / len(gate), 4)
             entry[f"memory share{where}"] = round(sum(share) / len(share), 4)
+    for name, body in [(f"{Path(doc_path).name} (the document)", text)] + [(Path(p).name, read_document(p)) for p in texts]:
+        gate, share = probe_means(model, text_windows(tok, body, data_cfg.window), train_cfg.dtype)
+        summary[f"windows of {name}"] = {"gate": round(sum(gate) / len(gate), 4), "memory share": round(sum(share) / len(share), 4)}
     result = {"question": question, "unrelated": unrelated, "mean_gate": summary,
               "per_layer": {k: v.mean(1).tolist() for k, v in maps.items()}}
     tmp = out / "gates.json.tmp"                        # written whole, then renamed: never half a file

@@ -225,9 +225,25 @@ def test_gate_heatmap_for_two_questions(tiny_dir, tmp_path):
     ev.main(["gates", "--doc", str(doc), "--question", "What jumps?", "--model", str(tiny_dir), "--window", "32",
              "--context", "32", "--epochs", "1", "--dtype", "float32", "--out", str(tmp_path / "g")])
     g = json.loads((tmp_path / "g" / "gates.json").read_text())
-    assert set(g["mean_gate"]) == {"about the document", "unrelated"}
-    assert all(0 < v < 1 for v in g["mean_gate"].values()) and len(g["per_layer"]["unrelated"]) == 2
-    assert (tmp_path / "g" / "gates.png").stat().st_size > 1000
+    assert set(g["mean_gate"]) == {"about the document", "unrelated", "windows of d.txt (the document)"}
+    assert all(0 < v < 1 for v in (g["mean_gate"]["about the document"], g["mean_gate"]["unrelated"]))
+    assert len(g["per_layer"]["unrelated"]) == 2 and (tmp_path / "g" / "gates.png").stat().st_size > 1000
+
+
+def test_gates_on_windows_of_other_texts_for_an_adapter_with_other_settings(tiny_dir, tmp_path):
+    import eval as ev
+    doc, other = tmp_path / "d.txt", tmp_path / "other.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    other.write_text("In 1724 Edric Hallowmere built a mill on the Brisk. " * 10)
+    flags = ["--doc", str(doc), "--question", "What jumps?", "--texts", str(other), "--model", str(tiny_dir),
+             "--window", "32", "--context", "32", "--epochs", "1", "--dtype", "float32"]
+    for extra, name in (([], "learned"), (["--gate-fixed", "1"], "fixed")):   # a gate held at 1 reads 1 everywhere
+        ev.main(["gates", *flags, *extra, "--out", str(tmp_path / name)])
+    learned, fixed = (json.loads((tmp_path / n / "gates.json").read_text())["mean_gate"] for n in ("learned", "fixed"))
+    texts = ["windows of d.txt (the document)", "windows of other.txt"]
+    assert all(0 < learned[t]["gate"] < 1 and learned[t]["memory share"] > 0 for t in texts)
+    assert learned[texts[0]]["gate"] != learned[texts[1]]["gate"]
+    assert all(fixed[t]["gate"] == 1.0 for t in texts) and fixed["about the document"] == 1.0
 
 
 def test_gates_of_question_sets_and_of_the_self_study_questions(tiny_dir, tmp_path):
