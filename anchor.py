@@ -15,7 +15,11 @@ or without it, and m grows to make up: a volume knob that does not choose (resul
 shut alike everywhere pays for it; in principle the cheaper way is to open on the document and
 shut elsewhere. Measured once, it is not what happened: the gate opened on every input alike (1.11×)
 and the answers with the document in context broke (notebook, "A push to open the gate on the
-document"). Kept, off by default, as a measured negative result.
+document"). Counted on the closed-book questions' prompts only (--gate-open-on questions), it
+opened the gate on every chat question alike (0.92×), its own training questions included: the
+penalty counts an unrelated example's reply too, the push only a question's prompt, so a gate
+that tells a prompt from a reply pays least for both (notebook, "The push to open the gate, on
+the questions' prompts"). Kept, off by default, as measured negative results.
 
 lift.train_adapter adds these to the loss of each batch; they are here so that lift.py keeps the
 paper's method and its loop.

@@ -1,6 +1,7 @@
 """--gate-open (anchor.document_gate_term): −log of the mean gate over the document's own tokens,
 padding and unrelated (KL) examples left out; its gradient opens the gate there, the same with
-checkpointing; and a LIFT run with it ends with the gate more open on the document."""
+checkpointing; and a LIFT run with it ends with the gate more open on the document. With
+--gate-open-on questions it counts the closed-book questions' prompts only."""
 from dataclasses import replace
 
 import pytest
