@@ -18,7 +18,7 @@ and the answers with the document in context broke (notebook, "A push to open th
 document"). Counted on the closed-book questions' prompts only (--gate-open-on questions), it
 opened the gate on every chat question alike (0.92×), its own training questions included: the
 penalty counts an unrelated example's reply too, the push only a question's prompt, so a gate
-that tells a prompt from a reply pays least for both (notebook, "The push to open the gate, on
+that tells a prompt from a reply would pay least for both, the likely reading, untested (notebook, "The push to open the gate, on
 the questions' prompts"). Kept, off by default, as measured negative results.
 
 lift.train_adapter adds these to the loss of each batch; they are here so that lift.py keeps the
