@@ -60,7 +60,7 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
-LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0, "phrasings": 1, "qa_batch": 1, "closed_book": False, "reply": "quote", "study_unrelated": 0, "gate_fixed": 0.0, "memory_act": "silu", "memory_scale": 1.0, "gate_open": 0.0, "gate_open_on": "document"}   # options added after adapters were cached, at their defaults
+LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0, "phrasings": 1, "qa_batch": 1, "closed_book": False, "reply": "quote", "study_unrelated": 0, "gate_fixed": 0.0, "memory_act": "silu", "memory_scale": 1.0, "gate_open": 0.0, "gate_open_on": "document", "gate_penalty_on": "all"}   # options added after adapters were cached, at their defaults
 
 
 def learning_settings(cfg) -> dict:

@@ -226,16 +226,17 @@ def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int 
     *answers* are anchored too, not only the question. Not in the paper: the KL anchor
     (anchor.anchor_loss) asks the adapted model to predict them exactly as the base model does,
     which is what teaches the gate to stay shut where the document does not help.
-    kind "anchor": every position counts, labels unused."""
+    kind "anchor": the KL counts every position; labels are IGNORE over a chat prompt, to mark
+    where the base's reply starts (--gate-penalty-on questions counts the prompt only)."""
     text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))
     windows = [text[a:b] for a, b in window_spans(len(text), length, length)]
     prompts = anchor_prompts(tok)
     if replies is not None:
         if len(replies) != len(prompts):
             raise DataError(f"{len(replies)} anchor replies for {len(prompts)} anchor prompts")
-        prompts = [p + r for p, r in zip(prompts, replies)]
-    mixed = [x for pair in zip(windows, prompts) for x in pair] + windows[len(prompts):] + prompts[len(windows):]
-    return [Example(ids, ids, kind="anchor") for ids in mixed]
+    chats = [Example(p + r, [IGNORE] * len(p) + r, kind="anchor") for p, r in zip(prompts, replies or [[]] * len(prompts))]
+    texts = [Example(ids, ids, kind="anchor") for ids in windows]
+    return [x for pair in zip(texts, chats) for x in pair] + texts[len(chats):] + chats[len(texts):]
 
 
 # ----------------------------------------------------------------------------- QA files

@@ -4,6 +4,7 @@ a question about the document and of an unrelated question (arXiv 2502.14644 §3
     python eval.py gates --doc D --question Q --out runs/g     heatmaps and gates.json
     ... --questions Q.jsonl --general G.jsonl                   and each set's mean gate
     ... --texts other.txt                                      and on windows of texts (the document's first)
+    (always)                                                   and on the anchor's chat prompts against their replies
     ... --memory-scale 40 ...                                  an adapter trained with other Gated Memory settings
 
 The paper reads g as the share of attention a query would put on the absorbed document: high for
@@ -19,9 +20,9 @@ import torch
 import gated_memory
 import plots
 from benchmarks import read_questions
-from cache import absorb_cached
+from cache import absorb_cached, anchor_set
 from compute import autocast
-from data import read_document, truncate_middle
+from data import IGNORE, read_document, truncate_middle
 from switch import question_span, recorded
 
 
@@ -72,6 +73,21 @@ def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
     return recorded(model, ids, dtype)[0][:, first:last].mean(1)
 
 
+def prompt_and_reply(model, chats: list, dtype: str) -> dict:
+    """The mean gate and memory share on the anchor's chat prompts (after the chat template's head,
+    the same in all) and, apart, on the base model's replies to them: the tokens --gate-penalty
+    counts by default. Does the gate tell a question from an answer?"""
+    head = next(i for i in range(len(chats[0].input_ids)) if len({tuple(ex.input_ids[:i + 1]) for ex in chats}) > 1)
+    reply = [next(i for i, label in enumerate(ex.labels) if label != IGNORE) for ex in chats]
+    entry = {}
+    for where, spans in (("prompt", [(ex.input_ids, head, r) for ex, r in zip(chats, reply)]),
+                         ("reply", [(ex.input_ids, r, len(ex.input_ids)) for ex, r in zip(chats, reply)])):
+        gate, share = probe_means(model, spans, dtype)
+        entry[f"gate on the {where}"] = round(sum(gate) / len(gate), 4)
+        entry[f"memory share on the {where}"] = round(sum(share) / len(share), 4)
+    return entry
+
+
 def text_windows(tok, text: str, window: int, count: int = 4) -> list[tuple[list[int], int, int]]:
     """`count` windows of a text, evenly spaced from its start to its end, as probe inputs."""
     ids = tok.encode(text)
@@ -91,6 +107,7 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
     from checkpoint import load_model
     from study import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
+    chats = [ex for ex in anchor_set(model, tok, train_cfg.dtype) if ex.labels[0] == IGNORE]   # before the adapter
     text = read_document(doc_path)
     absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gm_cfg or gated_memory.GatedMemoryConfig(),
                   train_cfg=train_cfg)
@@ -109,6 +126,7 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
             gate, share = probe_means(model, [question_span(tok, q, ctx) for q in qs], train_cfg.dtype)
             entry[f"gate{where}"] = round(sum(gate) / len(gate), 4)
             entry[f"memory share{where}"] = round(sum(share) / len(share), 4)
+    summary[f"anchor's chat prompts ({len(chats)}), and the base's replies"] = prompt_and_reply(model, chats, train_cfg.dtype)
     for name, body in [(f"{Path(doc_path).name} (the document)", text)] + [(Path(p).name, read_document(p)) for p in texts]:
         gate, share = probe_means(model, text_windows(tok, body, data_cfg.window), train_cfg.dtype)
         summary[f"windows of {name}"] = {"gate": round(sum(gate) / len(gate), 4), "memory share": round(sum(share) / len(share), 4)}

@@ -225,7 +225,8 @@ def test_gate_heatmap_for_two_questions(tiny_dir, tmp_path):
     ev.main(["gates", "--doc", str(doc), "--question", "What jumps?", "--model", str(tiny_dir), "--window", "32",
              "--context", "32", "--epochs", "1", "--dtype", "float32", "--out", str(tmp_path / "g")])
     g = json.loads((tmp_path / "g" / "gates.json").read_text())
-    assert set(g["mean_gate"]) == {"about the document", "unrelated", "windows of d.txt (the document)"}
+    assert set(g["mean_gate"]) == {"about the document", "unrelated", "windows of d.txt (the document)",
+                                   "anchor's chat prompts (48), and the base's replies"}
     assert all(0 < v < 1 for v in (g["mean_gate"]["about the document"], g["mean_gate"]["unrelated"]))
     assert len(g["per_layer"]["unrelated"]) == 2 and (tmp_path / "g" / "gates.png").stat().st_size > 1000
 
@@ -244,6 +245,10 @@ def test_gates_on_windows_of_other_texts_for_an_adapter_with_other_settings(tiny
     assert all(0 < learned[t]["gate"] < 1 and learned[t]["memory share"] > 0 for t in texts)
     assert learned[texts[0]]["gate"] != learned[texts[1]]["gate"]
     assert all(fixed[t]["gate"] == 1.0 for t in texts) and fixed["about the document"] == 1.0
+    chats = next(k for k in learned if k.startswith("anchor's chat prompts"))   # a question against an answer
+    assert 0 < learned[chats]["gate on the prompt"] < 1 and 0 < learned[chats]["gate on the reply"] < 1
+    assert learned[chats]["gate on the prompt"] != learned[chats]["gate on the reply"]
+    assert fixed[chats]["gate on the prompt"] == fixed[chats]["gate on the reply"] == 1.0
 
 
 def test_gates_of_question_sets_and_of_the_self_study_questions(tiny_dir, tmp_path):

@@ -325,6 +325,7 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
         keys.append(settings_key(model, tok, data, adapter, replace(train, **{field: value * 2 + 1}), [], 0, None))
     keys += [settings_key(model, tok, data, adapter, replace(train, dtype="bfloat16"), [], 0, None),
              settings_key(model, tok, data, adapter, replace(train, gate_open_on="questions"), [], 0, None),
+             settings_key(model, tok, data, adapter, replace(train, gate_penalty_on="questions"), [], 0, None),
              settings_key(model, tok, data, adapter, replace(train, grad_checkpoint=True), [], 0, None),
              settings_key(model, tok, data, adapter, train, [{"question": "q", "answer": "a"}], 0, None),
              settings_key(model, tok, data, adapter, train, [], 3, None),
