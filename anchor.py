@@ -2,8 +2,7 @@
 
     anchor_loss        KL(base ‖ adapted) on unrelated text (--anchor), plus the mean gate there
                        (--gate-penalty): the adapted model should change nothing where the
-                       document does not help, and its gate should stay shut there;
-                       gate_penalty_span says which tokens count (--gate-penalty-on)
+                       document does not help, and its gate should stay shut there
     document_gate_term −log of the mean gate on the document's own tokens (--gate-open): the gate
                        should open where the document is; gate_open_span says which tokens count
                        (--gate-open-on: all of the document's examples, or its questions' prompts)
@@ -63,20 +62,9 @@ def anchor_loss(model, ex: Example, cfg, base_states: Optional[dict] = None) -> 
     with gated_memory.gates_collected(model, on=cfg.gate_penalty > 0) as gates, autocast(device, cfg.dtype):
         adapted = model(ids, head=False)[0, :T]                             # (T, C)
         loss = head_loss(model, adapted, base_logp) / T                     # Σ p_base·(log p_base − log p_adapted) / T
-    if gates and (span := gate_penalty_span(ex, cfg.gate_penalty_on)):     # the tokens it counts, not the padding
-        loss = loss + cfg.gate_penalty * mean_gate(gates, torch.arange(ids.shape[1], device=device)[None] < span)
+    if gates:                                                               # the real tokens, not the padding
+        loss = loss + cfg.gate_penalty * mean_gate(gates, torch.arange(ids.shape[1], device=device)[None] < T)
     return loss
-
-
-def gate_penalty_span(ex: Example, on: str) -> int:
-    """How many of an anchor example's first tokens --gate-penalty counts. on "all": every one. On
-    "questions": only a chat prompt, up to where the base's reply starts (data.anchor_examples
-    marks it), none of a window of text: the same role as the tokens --gate-open-on questions
-    pushes open, so that the two differ only in what the question is about."""
-    if on == "questions":
-        prompt = next((i for i, label in enumerate(ex.labels) if label != IGNORE), len(ex.labels))
-        return prompt if prompt < len(ex.labels) or ex.labels[0] == IGNORE else 0
-    return len(ex.input_ids)
 
 
 def mean_gate(gates: list[torch.Tensor], own: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def doc_hash(doc: list[int]) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:20]
 
 
-LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0, "phrasings": 1, "qa_batch": 1, "closed_book": False, "reply": "quote", "study_unrelated": 0, "gate_fixed": 0.0, "memory_act": "silu", "memory_scale": 1.0, "gate_open": 0.0, "gate_open_on": "document", "gate_penalty_on": "all"}   # options added after adapters were cached, at their defaults
+LATER = {"anchor_every": 1, "study": "quote", "head_lora": 0, "phrasings": 1, "qa_batch": 1, "closed_book": False, "reply": "quote", "study_unrelated": 0, "gate_fixed": 0.0, "memory_act": "silu", "memory_scale": 1.0, "gate_open": 0.0, "gate_open_on": "document", "anchor_format": "chat"}   # options added after adapters were cached, at their defaults
 
 
 def learning_settings(cfg) -> dict:
@@ -100,27 +100,28 @@ def settings_key(model, tok, data_cfg, adapter_cfg, train_cfg, qa: list[dict], s
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def anchor_set(model, tok, dtype: str, use_cache: bool = True) -> list:
+def anchor_set(model, tok, dtype: str, use_cache: bool = True, form: str = "chat") -> list:
     """The --anchor examples with the base model's replies. Writing the replies costs about a
     minute on a CPU, so they are kept in the cache folder, one small file per base model,
-    tokenizer, anchor text and dtype; an unreadable file is simply written again."""
+    tokenizer, anchor text, prompt form (--anchor-format) and dtype; an unreadable file is simply
+    written again."""
     key = hashlib.sha256(json.dumps([fingerprint(model), tok.fingerprint(), data.anchor_texts_hash(),
-                                     distill.ANCHOR_REPLY_TOKENS, dtype]).encode()).hexdigest()[:20]
+                                     distill.ANCHOR_REPLY_TOKENS, dtype] + [form] * (form != "chat")).encode()).hexdigest()[:20]
     path = cache_dir() / f"anchor-replies-{key}.json"
     try:
         replies = json.loads(path.read_text()) if use_cache else None
     except (OSError, ValueError):
         replies = None
-    well_formed = (isinstance(replies, list) and len(replies) == len(data.anchor_prompts(tok))
+    well_formed = (isinstance(replies, list) and len(replies) == len(data.anchor_questions())
                    and all(isinstance(r, list) and all(isinstance(t, int) for t in r) for r in replies))
     if not well_formed:
-        replies = distill.base_replies(model, tok, dtype, progress=True)
+        replies = distill.base_replies(model, tok, dtype, progress=True, form=form)
         if use_cache:
             check_writable(path.parent)
             tmp = path.with_name(f".adapter-anchor-{os.getpid()}.tmp")   # removed if a kill leaves it
             tmp.write_text(json.dumps(replies))
             os.replace(tmp, path)
-    return data.anchor_examples(tok, replies)
+    return data.anchor_examples(tok, replies, form=form)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def absorb_cached(model, tok, text: str, *, data_cfg, adapter_cfg, train_cfg, qa
     if synth:
         qa += synth_qa.synthesize_qa(model, tok, text, synth, seed=train_cfg.seed, dtype=train_cfg.dtype,
                                      progress=progress)
-    anchors = anchor_set(model, tok, train_cfg.dtype, use_cache) if train_cfg.anchor else None
+    anchors = anchor_set(model, tok, train_cfg.dtype, use_cache, train_cfg.anchor_format) if train_cfg.anchor else None
     distilled = distill.distill_examples(model, tok, doc, data_cfg, train_cfg.dtype, progress) if data_cfg.distill else []
     unfinished = cached.with_suffix(".resume.pt") if use_cache else None   # resume.py: the run so far
     try:

@@ -39,7 +39,7 @@ def cost_point(method: str, length: int, model_name, data_cfg: DataConfig, train
     ids = tok.encode(doc["document"])
     q = doc["questions"][0]["question"]
     from cache import anchor_set      # the anchor's base replies are written once per model, not per document
-    anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor and method == "lift" else None
+    anchors = anchor_set(model, tok, train_cfg.dtype, form=train_cfg.anchor_format) if train_cfg.anchor and method == "lift" else None
     gc.collect()
     sampler = RSSSampler().start()                          # the load's own peak is not counted
     t = time.perf_counter()

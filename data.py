@@ -208,9 +208,12 @@ def anchor_questions() -> list[str]:
     return [p for p in (ANCHORS / "anchor_prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
 
 
-def anchor_prompts(tok) -> list[list[int]]:
-    """The general chat prompts of the anchor, each ending where the assistant's reply begins."""
-    return [tok.encode_chat([{"role": "user", "content": p}]) for p in anchor_questions()]
+def anchor_prompts(tok, form: str = "chat") -> list[list[int]]:
+    """The general prompts of the anchor, each ending where the assistant's reply begins: as a
+    plain chat turn ("chat"), or in the prompt a user's question is asked in without the document
+    ("question", question_messages), so that they differ from its questions only in the subject."""
+    return [tok.encode_chat([{"role": "user", "content": p}] if form == "chat" else question_messages(p, None))
+            for p in anchor_questions()]
 
 
 def anchor_texts_hash() -> str:
@@ -219,7 +222,7 @@ def anchor_texts_hash() -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int = 128) -> list[Example]:
+def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int = 128, form: str = "chat") -> list[Example]:
     """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and
     general chat prompts, alternating; each prompt followed by the frozen base model's own reply
     (`replies`, one per prompt, from distill.base_replies), so that the positions where the model
@@ -230,7 +233,7 @@ def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int 
     where the base's reply starts (--gate-penalty-on questions counts the prompt only)."""
     text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))
     windows = [text[a:b] for a, b in window_spans(len(text), length, length)]
-    prompts = anchor_prompts(tok)
+    prompts = anchor_prompts(tok, form)
     if replies is not None:
         if len(replies) != len(prompts):
             raise DataError(f"{len(replies)} anchor replies for {len(prompts)} anchor prompts")

@@ -107,12 +107,12 @@ ANCHOR_REPLY_TOKENS = 24
 
 
 @torch.no_grad()
-def base_replies(model, tok, dtype: str, progress: bool = False) -> list[list[int]]:
+def base_replies(model, tok, dtype: str, progress: bool = False, form: str = "chat") -> list[list[int]]:
     """The base model's own greedy reply to each anchor prompt (ending with its end-of-turn
     token when it stopped), for the KL anchor. Any adapter is switched off."""
     kind, out, eot = attached(model), [], end_of_turn(tok)
     with autocast(model.tok_embeddings.weight.device, dtype), (kind.disabled(model) if kind else nullcontext()):
-        for prompt in tqdm(anchor_prompts(tok), desc="anchor replies", disable=not progress, leave=False):
+        for prompt in tqdm(anchor_prompts(tok, form), desc="anchor replies", disable=not progress, leave=False):
             reply = generate(model, prompt, ANCHOR_REPLY_TOKENS, stop_ids=tok.stop_ids)
             out.append(reply + [eot] * (len(reply) < ANCHOR_REPLY_TOKENS))
     return out

@@ -107,7 +107,8 @@ def gates(doc_path: str, question: str, unrelated: str, out: Path, model_name, d
     from checkpoint import load_model
     from study import study_pairs
     model, tok = load_model(model_name, dtype=getattr(torch, train_cfg.dtype))
-    chats = [ex for ex in anchor_set(model, tok, train_cfg.dtype) if ex.labels[0] == IGNORE]   # before the adapter
+    chats = [ex for ex in anchor_set(model, tok, train_cfg.dtype, form=train_cfg.anchor_format)
+             if ex.labels[0] == IGNORE]                                           # before the adapter
     text = read_document(doc_path)
     absorb_cached(model, tok, text, data_cfg=data_cfg, adapter_cfg=gm_cfg or gated_memory.GatedMemoryConfig(),
                   train_cfg=train_cfg)

@@ -69,8 +69,10 @@ class TrainConfig:
                                    "shut alike on every input")
     gate_open_on: str = option("document", "where --gate-open counts: every token of the document's examples, or "
                                             "only the prompts of its closed-book questions", choices=("document", "questions"))
-    gate_penalty_on: str = option("all", "where --gate-penalty counts: every token of the anchor's text, or only "
-                                         "its chat prompts (not windows, not the base's replies)", choices=("all", "questions"))
+    anchor_format: str = option("chat", "how the anchor's general prompts are put: a plain chat turn, or the prompt "
+                                        "a question is asked in without the document (\"Answer the question briefly. "
+                                        "Question: ...\"), so that they differ from the document's questions only in "
+                                        "what they ask (our extension)", choices=("chat", "question"))
     grad_checkpoint: bool = option(False, "recompute each block in the backward pass: less memory, "
                                           "about a third more compute")
     compile: bool = option(False, "torch.compile the model's blocks (needs a C++ compiler; ~20-30 s to compile): "

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         extra = [ex for q in KEY_QUESTIONS[1:args.phrasings] for ex in fact_examples(tok, facts, where, phrasing=q)]
         adapter_cfg = (from_args(gated_memory.GatedMemoryConfig, args) if args.adapter == "gated_memory"
                        else adapter_config("lora", args.lora_rank, lora_targets=args.lora_targets))
-        anchors = anchor_set(model, tok, train_cfg.dtype) if train_cfg.anchor else ()
+        anchors = anchor_set(model, tok, train_cfg.dtype, form=train_cfg.anchor_format) if train_cfg.anchor else ()
         points = curve(model, forms, args.train_on, adapter_cfg, train_cfg, anchors, args.every, extra)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

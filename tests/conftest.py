@@ -110,17 +110,17 @@ _BASE_REPLIES = {}
 @pytest.fixture(autouse=True)
 def _base_replies_once_per_session(monkeypatch):
     """The anchor's base replies (distill.base_replies: 48 greedy replies) depend only on the base
-    model, its tokenizer and the dtype, and most tests train the same tiny model: each test has its
+    model, its tokenizer, the dtype and the prompts' form, and most tests train the same tiny model: each test has its
     own cache folder, so without this every one of them would write the same replies again. Tests
     of the replies themselves compare them with `generate` directly."""
     import distill
     from checkpoint import fingerprint
     real = distill.base_replies
 
-    def once(model, tok, dtype, progress=False):
-        key = (fingerprint(model), tok.fingerprint(), dtype)
+    def once(model, tok, dtype, progress=False, form="chat"):
+        key = (fingerprint(model), tok.fingerprint(), dtype, form)
         if key not in _BASE_REPLIES:
-            _BASE_REPLIES[key] = real(model, tok, dtype, progress)
+            _BASE_REPLIES[key] = real(model, tok, dtype, progress, form)
         return [list(r) for r in _BASE_REPLIES[key]]
     monkeypatch.setattr(distill, "base_replies", once)
 

@@ -1,8 +1,7 @@
 """--gate-open (anchor.document_gate_term): −log of the mean gate over the document's own tokens,
 padding and unrelated (KL) examples left out; its gradient opens the gate there, the same with
 checkpointing; and a LIFT run with it ends with the gate more open on the document. With
---gate-open-on questions it counts the closed-book questions' prompts only; with --gate-penalty-on
-questions the penalty counts the anchor's chat prompts only."""
+--gate-open-on questions it counts the closed-book questions' prompts only."""
 from dataclasses import replace
 
 import pytest
@@ -122,24 +121,3 @@ def test_a_lift_run_with_the_term_ends_with_the_gate_more_open_on_the_document(t
     with pytest.raises(UserError, match="--gate-open"):
         TrainConfig(gate_open=-1.0)
 
-
-def test_the_penalty_on_questions_counts_only_the_anchors_chat_prompts(tiny_dir):
-    """--gate-penalty-on questions: on a chat anchor (a prompt, then the base's reply) the penalty
-    is the mean gate over the prompt's tokens alone; a window of text adds none. On "all" it is the
-    mean over every token, as before."""
-    from anchor import anchor_loss
-    from data import anchor_examples, anchor_prompts
-    model, tok = load_model(str(tiny_dir))
-    lively(model)
-    examples = anchor_examples(tok, [tok.encode(" A reply of a few words.")] * len(anchor_prompts(tok)), length=32)
-    window, chat = examples[0], examples[1]
-    prompt = next(i for i, label in enumerate(chat.labels) if label != IGNORE)
-    assert window.labels == window.input_ids and 0 < prompt < len(chat.input_ids)
-    plain = TrainConfig(dtype="float32", anchor=1.0)
-    for ex, on, span in ((chat, "questions", prompt), (chat, "all", len(chat.input_ids)),
-                         (window, "all", len(window.input_ids)), (window, "questions", 0)):
-        added = (anchor_loss(model, ex, replace(plain, gate_penalty=1.0, gate_penalty_on=on)) - anchor_loss(model, ex, plain)).item()
-        expected = recorded(model, ex.input_ids, "float32")[0][:, :span].mean().item() if span else 0.0
-        assert added == pytest.approx(expected, rel=1e-4, abs=1e-7), (on, span)
-    whole = recorded(model, chat.input_ids, "float32")[0]
-    assert abs(whole[:, :prompt].mean().item() - whole.mean().item()) > 1e-4          # the reply does count out

@@ -325,7 +325,7 @@ def test_cache_key_changes_with_every_setting_that_changes_training(tiny_dir, tm
         keys.append(settings_key(model, tok, data, adapter, replace(train, **{field: value * 2 + 1}), [], 0, None))
     keys += [settings_key(model, tok, data, adapter, replace(train, dtype="bfloat16"), [], 0, None),
              settings_key(model, tok, data, adapter, replace(train, gate_open_on="questions"), [], 0, None),
-             settings_key(model, tok, data, adapter, replace(train, gate_penalty_on="questions"), [], 0, None),
+             settings_key(model, tok, data, adapter, replace(train, anchor_format="question"), [], 0, None),
              settings_key(model, tok, data, adapter, replace(train, grad_checkpoint=True), [], 0, None),
              settings_key(model, tok, data, adapter, train, [{"question": "q", "answer": "a"}], 0, None),
              settings_key(model, tok, data, adapter, train, [], 3, None),
@@ -439,6 +439,29 @@ def test_anchor_prompts_carry_the_base_models_own_reply(tiny_dir):
         assert calls == [1]
     finally:
         cache.distill.base_replies = real
+
+
+def test_anchor_prompts_in_the_question_form_have_their_own_replies(tiny_dir):
+    """--anchor-format question: each anchor prompt is put as a question asked without the
+    document (the prompt LIFT answers in), marked up to where the base's own reply to *that*
+    prompt starts; its replies are stored apart from the plain chat form's."""
+    import cache
+    from data import IGNORE, anchor_examples, anchor_prompts, anchor_questions, question_messages
+    from distill import ANCHOR_REPLY_TOKENS
+    from model import generate
+    model, tok = load_model(str(tiny_dir))
+    asked = anchor_prompts(tok, "question")
+    assert asked == [tok.encode_chat(question_messages(q, None)) for q in anchor_questions()] != anchor_prompts(tok)
+    chats = [ex for ex in cache.anchor_set(model, tok, "float32", form="question") if ex.labels[0] == IGNORE]
+    assert len(chats) == len(asked) and len(list(cache.cache_dir().glob("anchor-replies-*.json"))) == 1
+    for ex, prompt in list(zip(chats, asked))[:3]:
+        assert ex.input_ids[:len(prompt)] == prompt and ex.labels[:len(prompt)] == [IGNORE] * len(prompt)
+        reply = generate(model, prompt, ANCHOR_REPLY_TOKENS, stop_ids=tok.stop_ids)
+        assert ex.labels[len(prompt):len(prompt) + len(reply)] == reply == ex.input_ids[len(prompt):len(prompt) + len(reply)]
+    cache.anchor_set(model, tok, "float32")                                    # the chat form: a second file
+    assert len(list(cache.cache_dir().glob("anchor-replies-*.json"))) == 2
+    windows = [ex for ex in anchor_examples(tok, length=32, form="question") if ex.labels[0] != IGNORE]
+    assert windows and all(ex.labels == ex.input_ids for ex in windows)        # windows of text are unchanged
 
 
 def test_anchor_prompts_and_the_general_questions_do_not_overlap():
