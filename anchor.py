@@ -16,10 +16,12 @@ shut alike everywhere pays for it; in principle the cheaper way is to open on th
 shut elsewhere. Measured once, it is not what happened: the gate opened on every input alike (1.11×)
 and the answers with the document in context broke (notebook, "A push to open the gate on the
 document"). Counted on the closed-book questions' prompts only (--gate-open-on questions), it
-opened the gate on every chat question alike (0.92×), its own training questions included: the
-penalty counts an unrelated example's reply too, the push only a question's prompt, so a gate
-that tells a prompt from a reply would pay least for both, the likely reading, untested (notebook, "The push to open the gate, on
-the questions' prompts"). Kept, off by default, as measured negative results.
+opened the gate on every question in LIFT's prompt alike (0.92×), its own training questions
+included, and left it shut on the anchor's prompts and replies in a plain chat turn (0.012 and
+0.011 against 0.287): the push and the penalty saw their questions in two different prompts
+(notebook, "The gate on the anchor's prompts and replies"). With the anchor's prompts asked in
+that same prompt (--anchor-format question, data.anchor_prompts), the gate told the licence's
+questions from general ones 4.16× (one run). Both options are off by default: one run each.
 
 lift.train_adapter adds these to the loss of each batch; they are here so that lift.py keeps the
 paper's method and its loop.
