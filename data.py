@@ -224,13 +224,13 @@ def anchor_texts_hash() -> str:
 
 def anchor_examples(tok, replies: Optional[list[list[int]]] = None, length: int = 128, form: str = "chat") -> list[Example]:
     """Text that has nothing to do with any absorbed document: windows of the GNU GPL v3 and
-    general chat prompts, alternating; each prompt followed by the frozen base model's own reply
-    (`replies`, one per prompt, from distill.base_replies), so that the positions where the model
-    *answers* are anchored too, not only the question. Not in the paper: the KL anchor
+    general prompts (anchor_prompts, in the given form), alternating; each prompt followed by the
+    frozen base model's own reply (`replies`, one per prompt, from distill.base_replies), so that
+    the positions where the model *answers* are anchored too, not only the question. Not in the paper: the KL anchor
     (anchor.anchor_loss) asks the adapted model to predict them exactly as the base model does,
     which is what teaches the gate to stay shut where the document does not help.
-    kind "anchor": the KL counts every position; labels are IGNORE over a chat prompt, to mark
-    where the base's reply starts (--gate-penalty-on questions counts the prompt only)."""
+    kind "anchor": the KL counts every position; labels are IGNORE over a prompt, to mark where
+    the base's reply starts (eval.py gates measures the gate on the two apart)."""
     text = tok.encode((ANCHORS / "gpl-3.0.txt").read_text(encoding="utf-8"))
     windows = [text[a:b] for a, b in window_spans(len(text), length, length)]
     prompts = anchor_prompts(tok, form)

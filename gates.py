@@ -75,8 +75,8 @@ def mean_gates(model, tok, question: str, dtype: str) -> torch.Tensor:
 
 def prompt_and_reply(model, chats: list, dtype: str) -> dict:
     """The mean gate and memory share on the anchor's chat prompts (after the chat template's head,
-    the same in all) and, apart, on the base model's replies to them: the tokens --gate-penalty
-    counts by default. Does the gate tell a question from an answer?"""
+    the same in all) and, apart, on the base model's replies to them: --gate-penalty counts both.
+    Does the gate tell a question from an answer?"""
     head = next(i for i in range(len(chats[0].input_ids)) if len({tuple(ex.input_ids[:i + 1]) for ex in chats}) > 1)
     reply = [next(i for i, label in enumerate(ex.labels) if label != IGNORE) for ex in chats]
     entry = {}

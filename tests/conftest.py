@@ -110,9 +110,9 @@ _BASE_REPLIES = {}
 @pytest.fixture(autouse=True)
 def _base_replies_once_per_session(monkeypatch):
     """The anchor's base replies (distill.base_replies: 48 greedy replies) depend only on the base
-    model, its tokenizer, the dtype and the prompts' form, and most tests train the same tiny model: each test has its
-    own cache folder, so without this every one of them would write the same replies again. Tests
-    of the replies themselves compare them with `generate` directly."""
+    model, its tokenizer, the dtype and the prompts' form, and most tests train the same tiny
+    model: each test has its own cache folder, so without this every one of them would write the
+    same replies again. Tests of the replies themselves compare them with `generate` directly."""
     import distill
     from checkpoint import fingerprint
     real = distill.base_replies

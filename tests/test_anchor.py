@@ -120,4 +120,3 @@ def test_a_lift_run_with_the_term_ends_with_the_gate_more_open_on_the_document(t
     assert gates[1] > 1.5 * gates[0], gates
     with pytest.raises(UserError, match="--gate-open"):
         TrainConfig(gate_open=-1.0)
-
