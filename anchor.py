@@ -21,7 +21,8 @@ included, and left it shut on the anchor's prompts and replies in a plain chat t
 0.011 against 0.287): the push and the penalty saw their questions in two different prompts
 (notebook, "The gate on the anchor's prompts and replies"). With the anchor's prompts asked in
 that same prompt (--anchor-format question, data.anchor_prompts), the gate told the licence's
-questions from general ones 4.16× (one run). Both options are off by default: one run each.
+questions from general ones 4.16× and 4.00× (two seeds, one licence), yet answered fewer of them
+than the same memory trained without the penalty. Both options are off by default.
 
 lift.train_adapter adds these to the loss of each batch; they are here so that lift.py keeps the
 paper's method and its loop.
