@@ -66,7 +66,7 @@ BASE_MODES = lift.BASE_MODES + ("evidence",)                  # answered with an
 def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], model_name, data_cfg: DataConfig,
         train_cfg: TrainConfig, max_new_tokens: int, train_qa: bool, lora_rank: int, init: str | None = None,
         general: list[dict] = (), gate_trace: int = 0, gm_cfg: GatedMemoryConfig = GatedMemoryConfig(),
-        switch: bool = False, recall: bool = True, lora_targets: str = "all") -> list[dict]:
+        switch: bool = False, recall: bool = True, lora_targets: str = "all", gate_gain: float = 1.0) -> list[dict]:
     """Every (document, question, mode, adapter); records appended as they come, so a rerun resumes.
     init: start Gated Memory from this SFT initialisation; its records say "gated_memory+sft".
     gate_trace N: record Gated Memory's gates every N steps of training (gates.GateTrace).
@@ -74,6 +74,7 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     of lift and lift+icl then say whether it did, with the gate and the threshold.
     recall: with --distill, also ask the adapter its own self-study questions (minutes per document).
     lora_targets: LoRA on every projection, or on some of them only (lora.TARGETS: where it writes).
+    gate_gain: Gated Memory answers with every gate multiplied by this (a diagnostic, lift.answer).
     Every record carries the key of the settings that change an answer; a folder holding records
     of other settings is refused rather than mixed into one table."""
     from checkpoint import load_model
@@ -87,7 +88,8 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
     settings = {"data": learning_settings(data_cfg), "train": learning_settings(train_cfg), "model": model_name,
                 "max_new_tokens": max_new_tokens, "train_qa": train_qa, "lora_rank": lora_rank}
     optional = {"gated_memory": learning_settings(gm_cfg) if gm_cfg != GatedMemoryConfig() else None,
-                "switch": switch or None, "lora_targets": None if lora_targets == "all" else lora_targets}
+                "switch": switch or None, "lora_targets": None if lora_targets == "all" else lora_targets,
+                "gate_gain": None if gate_gain == 1 else gate_gain}
     settings |= {k: v for k, v in optional.items() if v is not None}   # only when set: earlier folders keep their key
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out.mkdir(parents=True, exist_ok=True)
@@ -175,25 +177,20 @@ def run(docs: list[dict], out: Path, modes: list[str], adapters: list[str], mode
                 gated = switch and mode not in BASE_MODES and not routed       # the adapter answers, whatever the gate
                 t = time.perf_counter()
                 pred = lift.answer(model, tok, question, seen, mode=ANSWERED_AS.get(mode, mode), context=data_cfg.context,
-                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=gated)
+                                   max_new_tokens=max_new_tokens, dtype=train_cfg.dtype, switch=gated, gate_gain=gate_gain)
                 r = {"doc": doc["id"], "q": i, "mode": mode, "adapter": adapter if mode not in BASE_MODES else "none",
                      "question": question, "answers": q["answers"], "prediction": pred, **bm.score(pred, q["answers"]),
                      "evidence_pos": q.get("evidence_pos"), "depth": q.get("depth"), "doc_tokens": len(ids),
                      "in_budget": bm.in_budget(q.get("evidence_pos"), len(ids), data_cfg.context),
                      "seconds": time.perf_counter() - t, "absorb_seconds": absorb_s, "settings_key": key,
-                     **switched(model, gated), **({"routed": True} if routed else {})}
+                     **({"switch": d} if gated and (d := switch_decision(model)) else {}),   # its decision
+                     **({"routed": True} if routed else {})}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 records.append(r)
                 done.add((r["doc"], r["q"], r["mode"], r["adapter"]))
     write_summary(records, out, {**settings, "init": init}, reached)
     return records
-
-
-def switched(model, asked: bool) -> dict:
-    """With --switch, the last answer's decision (switch.py): {"switch": {gate, threshold, adapter_used}}."""
-    decided = switch_decision(model) if asked else None
-    return {"switch": decided} if decided else {}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -253,6 +250,8 @@ def parser(argv=None) -> argparse.ArgumentParser:
         r.add_argument("--switch", action=argparse.BooleanOptionalAction, default=False,
                        help="Gated Memory answers only the questions that open its gate more than any of the anchor's "
                             "unrelated prompts; the base model answers the rest (our extension, switch.py)")
+        r.add_argument("--gate-gain", type=float, default=1.0, metavar="K", help="a diagnostic: Gated Memory "
+                       "answers with every gate multiplied by K (capped at 1), after --switch has decided")
         r.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True, help="with --distill: "
                        "how many of its own self-study questions the adapter answers (asks them all: minutes per document)")
         r.add_argument("--out", required=True, help="output folder (records.jsonl, summary.md, plots)")
@@ -308,8 +307,9 @@ def main(argv=None) -> int:
         data_cfg, train_cfg = from_args(DataConfig, args), from_args(TrainConfig, args)
         train_cfg.dtype = dtype
         if args.cmd in ("run", "qa"):
-            if args.max_new_tokens < 1:
-                raise UserError("--max-new-tokens must be at least 1")
+            if args.max_new_tokens < 1 or not args.gate_gain > 0:
+                raise UserError("--max-new-tokens must be at least 1" if args.max_new_tokens < 1 else
+                                "--gate-gain must be above 0")
             if args.cmd == "run":
                 docs = bm.read_benchmark(args.bench)
                 if args.docs and (unknown := set(args.docs) - {d["id"] for d in docs}):
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
             general = bm.read_questions(args.general) if args.general else []
             run(docs, Path(args.out), args.modes, args.adapters, args.model, data_cfg, train_cfg,
                 args.max_new_tokens, args.train_qa, args.lora_rank, args.init, general, args.gate_trace,
-                from_args(GatedMemoryConfig, args), args.switch, args.recall, args.lora_targets)
+                from_args(GatedMemoryConfig, args), args.switch, args.recall, args.lora_targets, args.gate_gain)
         elif args.cmd == "cost":
             import cost
             cost.cost(args.lengths, Path(args.out), cost.settings_flags(args.model, data_cfg, train_cfg))

@@ -130,6 +130,7 @@ class GatedMemory(nn.Module):
         self.gate_floor = cfg.gate_floor                     # sameness.py may change it for answering
         # Diagnostics, not training state: force g to a constant, or record the mean g per head.
         self.force_gate: Optional[float] = None
+        self.gate_gain = 1.0                                 # g multiplied by this while answering (gate_gained)
         self.record_gates = False
         self.last_gates: Optional[torch.Tensor] = None       # (T, H) gates of the first sequence in the batch
         self.last_share: Optional[torch.Tensor] = None       # (T, H) the memory's share of the output
@@ -164,6 +165,8 @@ class GatedMemory(nn.Module):
         # g held at a constant (a diagnostic's force_gate, else --gate-fixed), or None: the learned gate
         fixed = self.force_gate if self.force_gate is not None else (self.cfg.gate_fixed or None)
         g = self.gate(q) if fixed is None else torch.full_like(q[..., :1], fixed, dtype=torch.float32)
+        if self.gate_gain != 1 and fixed is None:            # a diagnostic: the learned gate louder or quieter
+            g = (g * self.gate_gain).clamp(max=1.0)
         if self.gate_floor:          # a head whose g is below the floor passes the base's attention unchanged
             g = torch.where(g < self.gate_floor, 0.0, g)      # (and gets no gradient there: it stays shut
                                                               #  unless its weights move for other tokens)
@@ -227,6 +230,21 @@ def gates_collected(model: Transformer, on: bool = True):
     finally:
         for m in memories:
             m.gate_log = None
+
+
+@contextmanager
+def gate_gained(model: Transformer, gain: float):
+    """Inside the block, every learned g is multiplied by `gain` (capped at 1). A diagnostic of
+    whether the memory's answers want a louder or a quieter gate than the one it learnt (eval.py
+    --gate-gain); the gate's own weights are untouched."""
+    memories = adapters(model)
+    for m in memories:
+        m.gate_gain = gain
+    try:
+        yield
+    finally:
+        for m in memories:
+            m.gate_gain = 1.0
 
 
 def remove(model: Transformer) -> None:

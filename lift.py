@@ -302,11 +302,12 @@ def checked_prompt(model, tok, question: str, doc: list[int], mode: str, context
 
 
 def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl", context: int = 512,
-           max_new_tokens: int = 64, dtype: str = "float32", switch: bool = False,
+           max_new_tokens: int = 64, dtype: str = "float32", switch: bool = False, gate_gain: float = 1.0,
            stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy answer. icl (and the closed/full baselines) run the base model with any adapter
     switched off; lift and lift+icl need an adapter. switch: Gated Memory answers only if the
-    question opens its gate (switch.py, our extension), else the base model does."""
+    question opens its gate (switch.py, our extension), else the base model does. gate_gain: the
+    adapter answers with its gates multiplied by this (a diagnostic; the switch decides unscaled)."""
     kind = attached(model)
     if mode not in BASE_MODES and kind is None:
         raise UserError(f"mode {mode} needs an adapter: absorb the document first")
@@ -324,7 +325,8 @@ def answer(model, tok, question: str, doc: list[int], *, mode: str = "lift+icl",
                 printed = text
 
     base = mode in BASE_MODES or (switch and not gate_opens(model, tok, question, prompt_context(tok, doc, mode, context), dtype))
-    with autocast(device, dtype), (kind.disabled(model) if base and kind else nullcontext()):
+    louder = gated_memory.gate_gained(model, gate_gain) if not base and gate_gain != 1 else nullcontext()
+    with autocast(device, dtype), (kind.disabled(model) if base and kind else nullcontext()), louder:
         ids = generate(model, prompt, max_new_tokens, stop_ids=tok.stop_ids, on_token=on_token)
     return tok.decode(ids).strip()
 

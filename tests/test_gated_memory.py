@@ -91,6 +91,19 @@ def test_gate_floor_shuts_exactly_the_heads_below_it_and_keeps_the_others():
     assert torch.equal(floored[~shut], free[~shut])
 
 
+def test_a_gate_gain_multiplies_the_learned_gate_caps_it_at_one_and_is_undone_after():
+    """eval.py --gate-gain: inside gate_gained(model, k) every learned g is min(1, k·g); after it, g."""
+    mem, q, attn = spread_memory()
+    model = with_adapter()
+    model.layers[0].attention.head_adapter = mem          # the spread gates, in a model
+    g, free = mem.gate(q), mem(q, attn)
+    assert (g > 0.5).any() and (g < 0.5).any()            # so that a gain of 2 caps some gates and not others
+    with gm.gate_gained(model, 2.0):
+        assert torch.allclose(mem(q, attn), attn + (2 * g).clamp(max=1.0) * (mem.memory(q) - attn), atol=1e-5)
+        assert all(a.gate_gain == 2.0 for a in gm.adapters(model))
+    assert all(a.gate_gain == 1.0 for a in gm.adapters(model)) and torch.equal(mem(q, attn), free)
+
+
 def test_a_gate_floor_at_or_above_the_fresh_gate_is_refused():
     """σ(−3) ≈ 0.0474: a floor above it would shut every gate of a fresh adapter for good."""
     assert gm.GatedMemory(2, 16, gm.GatedMemoryConfig(gate_floor=0.04)).gate_floor == 0.04

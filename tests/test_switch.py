@@ -72,6 +72,22 @@ def test_a_question_below_the_threshold_gets_the_base_models_reply(tiny_dir):
         assert ask(mode, True) == plain and memories[0].switch_last["adapter_used"] is True
 
 
+def test_a_gate_gain_changes_only_the_answers_the_adapter_gives_and_not_the_switchs_decision(tiny_dir):
+    """--gate-gain K: the switch reads the gate unscaled; the adapter, if it answers, answers with K·g."""
+    model, tok = load_model(str(tiny_dir))
+    doc = tok.encode(TEXT)
+    memories = loud_memory(model)
+    question = "What came to the valley?"
+    ask = lambda k, s=True: answer(model, tok, question, doc, mode="lift", context=48, max_new_tokens=8, switch=s,
+                                   gate_gain=k)
+    gate = switch.question_gate(model, tok, question, None, "float32")
+    memories[0].switch_thresholds[switch.threshold_key(None, "float32")] = gate - 1e-3      # the adapter answers
+    assert ask(1.0) == ask(1.0, False) != ask(20.0)
+    assert memories[0].switch_last == {"gate": gate, "threshold": gate - 1e-3, "adapter_used": True}   # unscaled
+    memories[0].switch_thresholds[switch.threshold_key(None, "float32")] = gate               # the base answers
+    assert ask(20.0) == ask(1.0) == answer(model, tok, question, doc, mode="closed", context=48, max_new_tokens=8)
+
+
 def test_an_adapter_without_a_gate_always_answers(tiny_dir):
     model, tok = load_model(str(tiny_dir))
     lora.attach(model, lora.LoRAConfig(rank=4), seed=0)
